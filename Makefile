@@ -1,0 +1,32 @@
+# Two entry points: `make run` (train the SNN and its ANN twin on the built-in corpus) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/spikedecoder compare configs/run.toml --out runs/make-run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check spikedecoder tests benchmarks
+	$(VENV)/bin/ruff format --check spikedecoder tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format spikedecoder tests benchmarks
+	$(VENV)/bin/ruff check --fix spikedecoder tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
