@@ -1,0 +1,117 @@
+"""Causal self-attention: spiking (Spikformer SSA made causal, no softmax) and the ANN's softmax attention.
+
+Both take (T, B, S, E) and an optional per-layer decoding `state` (a dict owned by the caller's cache): with it,
+x holds only the new tokens, and the layer reads and extends what it kept from the earlier ones.
+
+Spiking attention has no softmax, so its causal output is a running sum (SPEC section 6):
+    y_i = sum_{j<=i} (q_i . k_j) v_j = q_i S_i,   S_i = S_{i-1} + k_i^T v_i   (d_h x d_h spike counts).
+Counts are small integers, exact in float32, so the incremental result equals the full one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SpikeDecoderConfig
+from .layers import Linear, LinearNorm, make_lif
+from .norms import LayerNorm
+
+
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    """(..., S, E) -> (..., H, S, d_h)"""
+    *lead, s, e = x.shape
+    return x.reshape(*lead, s, n_head, e // n_head).transpose(-3, -2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(..., H, S, d_h) -> (..., S, E)"""
+    *lead, h, s, d = x.shape
+    return x.transpose(-3, -2).reshape(*lead, s, h * d)
+
+
+def causal_mask(s: int, past: int, device: torch.device) -> Tensor:
+    """(S, past+S) boolean: query i (at absolute position past+i) sees keys 0..past+i."""
+    return torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
+
+
+class SpikingSelfAttention(nn.Module):
+    """x -> LIF (unless x is already spikes) -> Q, K, V = LIF(Norm(Linear(x))) -> scale * causal(Q K^T) V
+    -> LIF -> Linear -> Norm. With `binary_scores` (spiking residual degree 2) the score map is itself passed
+    through a LIF, so A V multiplies two binary operands; decoding then keeps K and V instead of the running sum."""
+
+    def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool, output_lif: bool = False):
+        super().__init__()
+        e = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.scale = cfg.scale
+        self.in_lif = None if input_spikes else make_lif(cfg, e)
+        self.q, self.k, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(3))
+        self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
+        self.binary_scores = cfg.residual == 2
+        self.score_lif = make_lif(cfg) if self.binary_scores else None
+        self.attn_lif = make_lif(cfg, e)
+        self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
+        self.out_lif = make_lif(cfg, e) if output_lif else None
+
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
+        if self.in_lif is not None:
+            x = self.in_lif(x)
+        q = split_heads(self.q_lif(self.q(x)), self.n_head)  # (T, B, H, S, d_h) spikes
+        k = split_heads(self.k_lif(self.k(x)), self.n_head)
+        v = split_heads(self.v_lif(self.v(x)), self.n_head)
+        y = self._binary_scores(q, k, v, state) if self.binary_scores else self._running_sum(q, k, v, state)
+        y = self.attn_lif(merge_heads(y) * self.scale)
+        y = self.proj(y)
+        return self.out_lif(y) if self.out_lif is not None else y
+
+    def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+        s = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)) * causal_mask(s, 0, q.device)  # coincidence counts, future zeroed
+        y = scores @ v
+        if state is not None:
+            past = state.get("kv")
+            if past is not None:
+                y = y + q @ past
+            chunk = k.transpose(-1, -2) @ v
+            state["kv"] = chunk if past is None else past + chunk
+        return y
+
+    def _binary_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+        if state is not None:
+            if "k" in state:
+                k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
+            state["k"], state["v"] = k, v
+        past = k.shape[-2] - q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device)
+        return self.score_lif(scores * self.scale) @ v
+
+
+class SoftmaxAttention(nn.Module):
+    """The ANN's pre-LayerNorm causal softmax attention with 1/sqrt(d_h) scaling; decoding keeps a KV cache."""
+
+    def __init__(self, cfg: SpikeDecoderConfig):
+        super().__init__()
+        e = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.ln = LayerNorm(e)
+        self.qkv = Linear(e, 3 * e, bias=cfg.bias)
+        self.proj = Linear(e, e, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
+        q, k, v = (split_heads(t, self.n_head) for t in self.qkv(self.ln(x)).chunk(3, dim=-1))
+        if state is not None:
+            if "k" in state:
+                k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
+            state["k"], state["v"] = k, v
+        s, past = q.shape[-2], k.shape[-2] - q.shape[-2]
+        mask = causal_mask(s, past, x.device)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, scale=1 / math.sqrt(q.shape[-1])
+        )
+        return F.dropout(self.proj(merge_heads(y)), drop, self.training)

@@ -1,0 +1,223 @@
+"""Model configuration: one dataclass, validated at construction, with the ablation-ladder presets.
+
+Every component has its own switch (embedding code, attention, MLP, head, residual, norm) so that the ANN and the
+SNN differ only where the experiment says they should (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TOKEN_CODES = ("onehot", "binary", "learned", "float")
+POSITION_CODES = ("onehot", "binary", "sinusoidal", "learned")
+COMBINES = ("concat", "sum")
+ENCODINGS = ("direct", "rate")
+ATTENTIONS = ("softmax", "spiking")
+MLPS = ("gelu", "spiking")
+HEADS = ("float", "spiking")
+HEAD_COMBINES = ("mean", "sum", "concat", "last")
+NORMS = ("layer", "batch", "power", "none")
+SURROGATES = ("atan", "sigmoid")
+THRESHOLDS = ("none", "layer", "channel")
+LIF_BACKENDS = ("loop", "fused")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the field and the fix."""
+
+
+@dataclass
+class SpikeDecoderConfig:
+    """Everything that defines a model; saved as JSON next to the weights."""
+
+    vocab_size: int = 65
+    max_len: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: int = 4
+    timesteps: int = 4
+    # text-to-spike embedding (SPEC section 3)
+    token_code: str = "learned"
+    position_code: str = "learned"
+    combine: str = "sum"
+    code_dim: int | None = (
+        None  # width of a concatenated learned/float/sinusoidal code (default: see encoding)
+    )
+    encoding: str = "direct"
+    # components of the ablation ladder (SPEC section 5)
+    attention: str = "spiking"
+    mlp: str = "spiking"
+    head: str = "spiking"
+    head_lif: bool = True
+    head_combine: str = "mean"
+    residual: int = 0
+    norm: str = "layer"
+    attn_scale: float | str = 0.125
+    first_attn_lif: bool = False
+    # LIF neuron (SPEC section 2)
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    decay_input: bool = True
+    surrogate: str = "atan"
+    surrogate_alpha: float | None = None
+    learnable_threshold: str = "none"
+    lif_backend: str = "loop"
+    dropout: float = 0.0
+    bias: bool = True
+    preset: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        def choice(name: str, options: tuple) -> None:
+            value = getattr(self, name)
+            need(
+                value in options,
+                f"{name}={value!r} is not valid; choose one of {', '.join(map(str, options))}",
+            )
+
+        for name in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        need(
+            isinstance(self.timesteps, int) and self.timesteps >= 1,
+            f"timesteps (T) must be an integer >= 1, got {self.timesteps!r}; use T=1 for the ANN",
+        )
+        need(
+            self.n_embd % self.n_head == 0,
+            f"n_head={self.n_head} must divide n_embd={self.n_embd}; pick e.g. n_head="
+            f"{max(d for d in range(1, self.n_head + 1) if self.n_embd % d == 0)}",
+        )
+        choice("token_code", TOKEN_CODES)
+        choice("position_code", POSITION_CODES)
+        choice("combine", COMBINES)
+        choice("encoding", ENCODINGS)
+        choice("attention", ATTENTIONS)
+        choice("mlp", MLPS)
+        choice("head", HEADS)
+        choice("head_combine", HEAD_COMBINES)
+        choice("norm", NORMS)
+        choice("surrogate", SURROGATES)
+        choice("learnable_threshold", THRESHOLDS)
+        choice("lif_backend", LIF_BACKENDS)
+        need(self.code_dim is None or self.code_dim >= 1, f"code_dim must be >= 1, got {self.code_dim}")
+        need(
+            self.residual in (0, 1, 2),
+            f"residual={self.residual!r} must be 0 (float), 1 or 2 (spiking degree)",
+        )
+        need(
+            self.combine == "concat"
+            or (self.token_code in ("learned", "float") and self.position_code == "learned"),
+            "combine='sum' adds two trained tables, so it needs token_code learned/float and position_code "
+            f"learned; use combine='concat' for token_code={self.token_code!r}, position_code={self.position_code!r}",
+        )
+        if isinstance(self.attn_scale, str):
+            need(self.attn_scale == "auto", f"attn_scale must be a number or 'auto', got {self.attn_scale!r}")
+        else:
+            need(self.attn_scale > 0, f"attn_scale must be > 0, got {self.attn_scale}")
+        need(self.tau > 1.0, f"tau must be > 1 (the membrane leaks by 1/tau), got {self.tau}")
+        need(self.v_threshold > 0, f"v_threshold must be > 0, got {self.v_threshold}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(
+            self.residual == 0 or (self.attention == "spiking" and self.mlp == "spiking"),
+            "spiking residual (degree 1/2) needs attention='spiking' and mlp='spiking'",
+        )
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def scale(self) -> float:
+        """Attention scale: fixed (Spikformer's 0.125) or 1/(d_h * positions) to avoid saturating the LIF."""
+        if self.attn_scale == "auto":
+            return 1.0 / (self.head_dim * self.max_len)
+        return float(self.attn_scale)
+
+    @property
+    def spike_embedding(self) -> bool:
+        """The embedding emits {0,1} spikes unless the token code is float (partially spiking ladder)."""
+        return self.token_code != "float"
+
+    # ------------------------------------------------------------------ presets and I/O
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SpikeDecoderConfig:
+        """The four rungs of the ablation ladder; overrides are applied on top and validated."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[name], "preset": name, **overrides}
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SpikeDecoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> SpikeDecoderConfig:
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpikeDecoderConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, retrain or restore"
+            ) from exc
+        return cls.from_dict(values)
+
+
+def code_bits(n: int) -> int:
+    """Bits of a binary code for n distinct ids (at least 1)."""
+    return max(1, math.ceil(math.log2(n)))
+
+
+_ANN = dict(
+    timesteps=1,
+    token_code="float",
+    position_code="learned",
+    combine="sum",
+    attention="softmax",
+    mlp="gelu",
+    head="float",
+    head_lif=False,
+    norm="layer",
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "ann": _ANN,
+    "spiking-attention": {**_ANN, "timesteps": 4, "attention": "spiking"},
+    "spiking-attention-mlp": {**_ANN, "timesteps": 4, "attention": "spiking", "mlp": "spiking"},
+    "spikedecoder": dict(
+        timesteps=4,
+        token_code="learned",
+        position_code="learned",
+        combine="sum",
+        attention="spiking",
+        mlp="spiking",
+        head="spiking",
+        head_lif=True,
+        norm="layer",
+    ),
+}

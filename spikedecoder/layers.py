@@ -1,0 +1,82 @@
+"""Linear layers shared by every block: batch-invariant when asked, and Linear+Norm pairs that fold at inference."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SpikeDecoderConfig
+from .neurons import LIF
+from .norms import foldable, make_norm
+
+_ROWS = 16  # fixed GEMM height in batch-invariant mode
+_batch_invariant = False
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """Make every Linear compute each row with the same kernel shape, so a token's output is bitwise independent
+    of how many tokens share the call. Incremental decoding is then exactly equal to recomputing the window
+    (a plain GEMM reorders its float sums with the matrix height)."""
+    global _batch_invariant
+    previous, _batch_invariant = _batch_invariant, enabled
+    try:
+        yield
+    finally:
+        _batch_invariant = previous
+
+
+def _rowwise_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    padded = torch.cat([rows, rows.new_zeros((-n) % _ROWS, rows.shape[1])])
+    out = torch.cat([F.linear(chunk, weight, bias) for chunk in padded.split(_ROWS)])[:n]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        if _batch_invariant:
+            return _rowwise_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class LinearNorm(nn.Module):
+    """Linear followed by a normalisation; BatchNorm/PowerNorm fold into the Linear for inference."""
+
+    def __init__(self, fan_in: int, fan_out: int, norm: str, bias: bool = True):
+        super().__init__()
+        self.linear = Linear(fan_in, fan_out, bias=bias or norm in ("batch", "power"))
+        self.norm = make_norm(norm, fan_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.linear(x))
+
+    @torch.no_grad()
+    def fold(self) -> bool:
+        """Merge an eval-mode BatchNorm/PowerNorm into the Linear; returns whether anything was folded."""
+        if not foldable(self.norm):
+            return False
+        a, c = self.norm.affine()
+        self.linear.weight.mul_(a[:, None])
+        self.linear.bias.mul_(a).add_(c)
+        self.norm = nn.Identity()
+        return True
+
+
+def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None) -> LIF:
+    """A LIF neuron with the model's neuron settings (one per spiking layer)."""
+    return LIF(
+        tau=cfg.tau,
+        v_threshold=cfg.v_threshold,
+        decay_input=cfg.decay_input,
+        surrogate=cfg.surrogate,
+        alpha=cfg.surrogate_alpha,
+        learnable_threshold=cfg.learnable_threshold,
+        channels=channels,
+        backend=cfg.lif_backend,
+    )

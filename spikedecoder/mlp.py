@@ -1,0 +1,42 @@
+"""Feed-forward sub-blocks: the spiking MLP and the ANN's GELU MLP."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SpikeDecoderConfig
+from .layers import Linear, LinearNorm, make_lif
+from .norms import LayerNorm
+
+
+class SpikingMLP(nn.Module):
+    """LIF (unless x is already spikes) -> Linear(E, rE) -> Norm -> LIF -> Linear(rE, E) -> Norm."""
+
+    def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.n_embd
+        self.in_lif = None if input_spikes else make_lif(cfg, cfg.n_embd)
+        self.fc1 = LinearNorm(cfg.n_embd, hidden, cfg.norm, cfg.bias)
+        self.hidden_lif = make_lif(cfg, hidden)
+        self.fc2 = LinearNorm(hidden, cfg.n_embd, cfg.norm, cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_lif is not None:
+            x = self.in_lif(x)
+        return self.fc2(self.hidden_lif(self.fc1(x)))
+
+
+class GeluMLP(nn.Module):
+    """The ANN's pre-LayerNorm MLP."""
+
+    def __init__(self, cfg: SpikeDecoderConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.n_embd
+        self.ln = LayerNorm(cfg.n_embd)
+        self.fc1 = Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.fc2 = Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(self.fc2(F.gelu(self.fc1(self.ln(x)))), self.dropout, self.training)

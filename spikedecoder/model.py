@@ -1,0 +1,168 @@
+"""SpikeDecoder: a GPT decoder whose embedding, attention, MLP and head are each ANN or spiking (SPEC section 5).
+
+Tokens (B, S) -> embedding (T, B, S, E) -> n_layer blocks -> head -> logits (B, S, V). LIF neurons integrate over T
+only, so tokens mix only through (causal) attention, which is what makes exact incremental decoding possible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .attention import SoftmaxAttention, SpikingSelfAttention
+from .checkpoint import load_model_files, save_model_files
+from .config import SpikeDecoderConfig
+from .encoding import SpikeEmbedding
+from .layers import Linear, LinearNorm, make_lif
+from .mlp import GeluMLP, SpikingMLP
+from .norms import LayerNorm
+
+
+class Block(nn.Module):
+    """x + attn(x), then + mlp(x); with a spiking residual (degree >= 1) a LIF follows each sum."""
+
+    def __init__(self, cfg: SpikeDecoderConfig, index: int, input_spikes: bool):
+        super().__init__()
+        spike_stream = cfg.residual >= 1
+        if cfg.attention == "spiking":
+            self.attn = SpikingSelfAttention(cfg, input_spikes, output_lif=cfg.first_attn_lif and index == 0)
+        else:
+            self.attn = SoftmaxAttention(cfg)
+        self.attn_sum_lif = make_lif(cfg, cfg.n_embd) if spike_stream else None
+        self.mlp = SpikingMLP(cfg, input_spikes=spike_stream) if cfg.mlp == "spiking" else GeluMLP(cfg)
+        self.mlp_sum_lif = make_lif(cfg, cfg.n_embd) if spike_stream else None
+
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
+        x = x + self.attn(x, state)
+        if self.attn_sum_lif is not None:
+            x = self.attn_sum_lif(x)
+        x = x + self.mlp(x)
+        if self.mlp_sum_lif is not None:
+            x = self.mlp_sum_lif(x)
+        return x
+
+
+class Head(nn.Module):
+    """Combine the T steps and project to the vocabulary. On spikes the projection runs per step (accumulates
+    only), then the step logits are combined; on floats the steps are combined first (one dense projection)."""
+
+    def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool):
+        super().__init__()
+        self.combine = cfg.head_combine
+        spiking = cfg.head == "spiking"
+        self.ln = None if spiking else LayerNorm(cfg.n_embd)
+        self.lif = make_lif(cfg, cfg.n_embd) if spiking and cfg.head_lif and not input_spikes else None
+        self.on_spikes = spiking and (cfg.head_lif or input_spikes)
+        width = cfg.n_embd * cfg.timesteps if self.combine == "concat" else cfg.n_embd
+        self.out = Linear(width, cfg.vocab_size, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.ln is not None:
+            x = self.ln(x)
+        if self.lif is not None:
+            x = self.lif(x)
+        if self.combine == "concat":
+            return self.out(x.permute(1, 2, 0, 3).flatten(2))
+        if self.combine == "last":
+            return self.out(x[-1])
+        reduce = torch.mean if self.combine == "mean" else torch.sum
+        if self.on_spikes:
+            return reduce(self.out(x), dim=0)
+        return self.out(reduce(x, dim=0))
+
+
+class Cache:
+    """Decoding state: how many tokens the model has seen and each layer's attention state."""
+
+    def __init__(self, n_layer: int):
+        self.length = 0
+        self.layers: list[dict] = [{} for _ in range(n_layer)]
+
+
+class SpikeDecoder(nn.Module):
+    def __init__(self, config: SpikeDecoderConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = SpikeEmbedding(config)
+        blocks, spikes = [], self.embed.emits_spikes
+        for i in range(config.n_layer):
+            blocks.append(Block(config, i, input_spikes=spikes))
+            spikes = config.residual >= 1
+        self.blocks = nn.ModuleList(blocks)
+        self.head = Head(config, input_spikes=spikes)
+
+    def forward(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """Token ids (B, S) -> logits (B, S, V). With a cache, idx holds only the tokens after those seen."""
+        start = cache.length if cache is not None else 0
+        self.check_input(idx, start)
+        x = self.embed(idx, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return self.head(x)
+
+    def check_input(self, idx: Tensor, start: int = 0) -> None:
+        cfg = self.config
+        if not isinstance(idx, Tensor) or idx.dtype not in (
+            torch.long,
+            torch.int32,
+            torch.int16,
+            torch.uint8,
+        ):
+            raise TypeError(
+                f"expected a tensor of integer token ids, got {type(idx).__name__} "
+                f"{getattr(idx, 'dtype', '')}; encode text with the tokenizer first"
+            )
+        if idx.dim() != 2:
+            raise ValueError(
+                f"expected token ids of shape (B, S), got {tuple(idx.shape)}; "
+                "add a batch dimension with idx[None]"
+            )
+        if idx.shape[1] == 0:
+            raise ValueError("empty sequence: give at least one token")
+        if start + idx.shape[1] > cfg.max_len:
+            raise ValueError(
+                f"{start + idx.shape[1]} positions exceed max_len={cfg.max_len}; crop the input to the "
+                "last max_len tokens (generate() slides the window for you)"
+            )
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
+            bad = int(idx.max()) if int(idx.max()) >= cfg.vocab_size else int(idx.min())
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+                "use the tokenizer the model was trained with"
+            )
+
+    # ------------------------------------------------------------------ inference helpers
+    def new_cache(self) -> Cache:
+        return Cache(self.config.n_layer)
+
+    @torch.no_grad()
+    def fold_norms(self) -> int:
+        """Fold every eval-mode BatchNorm/PowerNorm into its Linear (inference only); returns how many."""
+        if self.training:
+            raise RuntimeError("fold_norms() uses running statistics: call model.eval() first")
+        return sum(m.fold() for m in self.modules() if isinstance(m, LinearNorm))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path, files: dict[str, str] | None = None) -> Path:
+        """Write config.json + model.safetensors (+ extra text files) atomically into `directory`."""
+        return save_model_files(directory, self.config.to_dict(), self.state_dict(), files or {})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SpikeDecoder:
+        config, state = load_model_files(directory, map_location)
+        model = cls(SpikeDecoderConfig.from_dict(config))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; it was written by another version or is corrupt"
+            )
+        return model.eval()
