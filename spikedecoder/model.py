@@ -166,3 +166,10 @@ class SpikeDecoder(nn.Module):
                 f"unexpected {unexpected[:5]}; it was written by another version or is corrupt"
             )
         return model.eval()
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+        """Continue token ids (B, S) by max_new_tokens; see spikedecoder.generate.generate_ids for the options."""
+        from .generate import generate_ids
+
+        return generate_ids(self, idx, max_new_tokens, **sampling)
