@@ -1,0 +1,309 @@
+"""Command line: `spikedecoder train | compare | generate | evaluate | info | energy | study`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, SpikeDecoderConfig
+from .data import DataError
+
+EXAMPLES = {
+    "train": """examples:
+  spikedecoder train configs/run.toml --preset spikedecoder --out runs/snn
+  spikedecoder train configs/run.toml --preset ann --data my.txt --steps 2000 --out runs/ann
+  spikedecoder train configs/run.toml --set model.norm=power --set train.lr=1e-3 --out runs/snn-pn
+  spikedecoder train configs/run.toml --out runs/snn --resume      # continue an interrupted run""",
+    "compare": """examples:
+  spikedecoder compare configs/run.toml --out runs/make-run        # what `make run` does
+  spikedecoder compare configs/run.toml --presets spikedecoder spiking-attention ann --out runs/ladder""",
+    "generate": """examples:
+  spikedecoder generate runs/make-run/spikedecoder --prompt "ROMEO:" --tokens 300
+  spikedecoder generate runs/snn --prompt "JULIET:" --greedy --stop "\\n\\n"
+  spikedecoder generate runs/snn --prompt "KING:" --temperature 0.8 --top-k 20 --seed 1""",
+    "evaluate": """examples:
+  spikedecoder evaluate runs/make-run/spikedecoder
+  spikedecoder evaluate runs/snn --split test --json""",
+    "info": """examples:
+  spikedecoder info runs/make-run/spikedecoder
+  spikedecoder info --preset spikedecoder --set model.n_layer=6""",
+    "energy": """examples:
+  spikedecoder energy runs/make-run/spikedecoder --baseline runs/make-run/ann
+  spikedecoder energy runs/snn --baseline-preset ann --preset fp16 --json
+  spikedecoder energy runs/snn --baseline runs/ann --plot energy.png""",
+    "study": """examples:
+  spikedecoder study configs/studies/default.toml --out runs/study
+  spikedecoder study configs/studies/toy.toml --out /tmp/toy        # a two-variant smoke run""",
+}
+
+
+# ---------------------------------------------------------------------------------------------- config files
+def parse_value(text: str) -> Any:
+    """A TOML value (number, bool, quoted string, list) or, failing that, the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config_file(path: str | None, sets: list[str]) -> dict[str, Any]:
+    """Read a TOML config and apply `section.key=value` overrides."""
+    config: dict[str, Any] = {}
+    if path:
+        try:
+            config = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: use section.key=value, e.g. --set model.n_layer=6")
+        section, name = key.split(".", 1)
+        config.setdefault(section, {})[name] = parse_value(value)
+    return config
+
+
+def model_config(config: dict[str, Any], preset: str | None) -> SpikeDecoderConfig:
+    name = preset or config.get("preset", "spikedecoder")
+    overrides = {**config.get("model", {}), **config.get("presets", {}).get(name, {})}
+    return SpikeDecoderConfig.from_preset(name, **overrides)
+
+
+def train_config(config: dict[str, Any], args: argparse.Namespace):
+    from .train import TrainConfig
+
+    values = dict(config.get("train", {}))
+    if getattr(args, "data", None):
+        values["data"] = args.data
+    if getattr(args, "steps", None):
+        values["max_steps"] = args.steps
+    if getattr(args, "minutes", None):
+        values["max_minutes"] = args.minutes
+    return TrainConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = load_config_file(args.config, args.set)
+    result = train(model_config(config, args.preset), train_config(config, args), args.out, resume=args.resume)
+    print(json.dumps(result["val"], indent=2))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .generate import generate_text
+    from .train import load_checkpoint, prepare_data, train
+
+    config = load_config_file(args.config, args.set)
+    tcfg = train_config(config, args)
+    presets = args.presets or config.get("compare", {}).get("presets", ["spikedecoder", "ann"])
+    data = prepare_data(tcfg)
+    out = Path(args.out)
+    rows = []
+    for name in presets:
+        print(f"\n=== training {name} ===", flush=True)
+        result = train(model_config(config, name), tcfg, out / name, resume=True, data=data)
+        rows.append((name, result))
+    prompt = config.get("compare", {}).get("prompt", "ROMEO:\n")
+    for name, _ in rows:
+        model, tokenizer, _ = load_checkpoint(out / name)
+        print(f"\n--- sample from {name} (seed 0, temperature 0.8) ---")
+        print(prompt + generate_text(model, tokenizer, prompt, 300, temperature=0.8, top_k=None, seed=0))
+    print("\n" + results_table(rows))
+    (out / "results.json").write_text(json.dumps({n: r for n, r in rows}, indent=2) + "\n")
+    return 0
+
+
+def results_table(rows: list[tuple[str, dict]]) -> str:
+    metric = "bits_per_char" if "bits_per_char" in rows[0][1]["val"] else "perplexity"
+    lines = [f"| model | params | steps | train s | val {metric} | val accuracy |", "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        v = r["val"]
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['step']} | {r['train_seconds']:.0f} | {v[metric]:.3f} | "
+            f"{v['accuracy']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_text
+    from .train import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(args.checkpoint)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    stop = [s.encode().decode("unicode_escape") for s in args.stop] or None
+    sys.stdout.write(prompt)
+    generate_text(
+        model,
+        tokenizer,
+        prompt,
+        args.tokens,
+        stop=stop,
+        stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        incremental=not args.no_cache,
+    )
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import split_ids, unit_name
+    from .train import evaluate, load_checkpoint, validation_ids
+
+    model, tokenizer, meta = load_checkpoint(args.checkpoint)
+    if args.split == "val":
+        ids = validation_ids(meta, tokenizer)
+    else:
+        from .data import load_text
+
+        train = meta.get("train", {})
+        all_ids = tokenizer.encode(load_text(train.get("data")))
+        import torch
+
+        ids = split_ids(torch.tensor(all_ids), train.get("val_frac", 0.05), train.get("test_frac", 0.05))[2]
+    metrics = evaluate(model, ids, unit_name(tokenizer), max_batches=args.batches)
+    metrics["split"] = args.split
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>15}: {value:.4f}" if isinstance(value, float) else f"{key:>15}: {value}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model import SpikeDecoder
+
+    if args.checkpoint:
+        from .train import load_checkpoint
+
+        model, _, meta = load_checkpoint(args.checkpoint)
+    else:
+        model, meta = SpikeDecoder(model_config(load_config_file(None, args.set), args.preset)), {}
+    print(f"parameters: {model.num_params():,}")
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + p.numel()
+    for name, count in groups.items():
+        print(f"  {name:<8} {count:,}")
+    print("config:")
+    for key, value in model.config.to_dict().items():
+        print(f"  {key:<20} {value}")
+    if meta:
+        print(f"trained steps: {meta.get('step')}, seconds: {meta.get('train_seconds', 0):.0f}")
+        if meta.get("history"):
+            print(f"last validation: {meta['history'][-1]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spikedecoder",
+        description="Train spiking GPT language models, compare them with their ANN twin, measure energy per token.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    def config_args(p: argparse.ArgumentParser, with_file: bool = True) -> None:
+        if with_file:
+            p.add_argument("config", nargs="?", help="TOML config file (see configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+        p.add_argument("--data", help="UTF-8 text file to train on (default: built-in Shakespeare)")
+        p.add_argument("--steps", type=int, help="training steps (train.max_steps)")
+        p.add_argument("--minutes", type=float, help="wall-time budget per model (train.max_minutes)")
+
+    p = command("train", "Train one model (a preset of the ablation ladder plus overrides).")
+    config_args(p)
+    p.add_argument("--preset", help="ann, spiking-attention, spiking-attention-mlp or spikedecoder")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/ and log.csv go here)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = command("compare", "Train several presets on the same data and budget; print their metrics and samples.")
+    config_args(p)
+    p.add_argument("--presets", nargs="+", help="presets to train (default: the config's, or spikedecoder ann)")
+    p.add_argument("--out", required=True, help="directory for one run per preset")
+    p.set_defaults(func=cmd_compare)
+
+    p = command("generate", "Generate text from a trained model (streams tokens as they come).")
+    p.add_argument("checkpoint", help="run or checkpoint directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (must use the training characters)")
+    p.add_argument("--tokens", type=int, default=200, help="maximum number of new tokens")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (reference)")
+    p.add_argument("--escapes", action="store_true", help="interpret \\n etc. in the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("evaluate", "Evaluate a model on the whole validation (or test) split.")
+    p.add_argument("checkpoint", help="run or checkpoint directory")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--batches", type=int, default=None, help="limit the number of batches (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = command("info", "Show parameters and configuration of a checkpoint or a preset.")
+    p.add_argument("checkpoint", nargs="?", help="run or checkpoint directory")
+    p.add_argument("--preset", default="spikedecoder")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE")
+    p.set_defaults(func=cmd_info)
+
+    try:
+        from . import energy
+    except ImportError:
+        energy = None
+    if energy is not None and hasattr(energy, "add_arguments"):
+        p = command("energy", "Measured energy per token of a model (and its ANN baseline), every operation priced.")
+        energy.add_arguments(p)
+        p.set_defaults(func=energy.run)
+
+    try:
+        from . import study
+    except ImportError:
+        study = None
+    if study is not None and hasattr(study, "add_arguments"):
+        p = command("study", "Train a grid of variants and write the quality-vs-energy results (resumable).")
+        study.add_arguments(p)
+        p.set_defaults(func=study.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Multi-step LIF neuron (SPEC section 2): input (T, ...) current -> (T, ...) spikes in {0, 1}.
+
+Charge:  h = v + (x - v) / tau            (decay_input=True, SpikingJelly's default)
+         h = v - v / tau + x              (decay_input=False)
+Fire:    s = H(h - v_th)                  (surrogate gradient backward)
+Reset:   v = h * (1 - s), s detached      (hard reset to 0, detach_reset=True)
+
+The state starts at 0 on every call: neurons integrate over T only, never across tokens.
+
+Two backends compute the same spikes: `loop` lets autograd record every step; `fused` is one custom autograd
+function whose forward and backward each run the whole T loop in a single compiled kernel (torch.compile, eager
+fallback), with the backward written by hand from the equations above.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .surrogate import GRADS, make_surrogate
+
+
+class LIF(nn.Module):
+    """Leaky integrate-and-fire over the leading T axis, with an optional learnable threshold."""
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        decay_input: bool = True,
+        surrogate: str = "atan",
+        alpha: float | None = None,
+        learnable_threshold: str = "none",
+        channels: int | None = None,
+        backend: str = "loop",
+    ):
+        super().__init__()
+        if tau <= 1.0:
+            raise ValueError(f"tau must be > 1, got {tau}")
+        if backend not in ("loop", "fused"):
+            raise ValueError(f"backend must be 'loop' or 'fused', got {backend!r}")
+        self.tau, self.decay_input, self.backend = float(tau), decay_input, backend
+        self.surrogate = make_surrogate(surrogate, alpha)
+        if learnable_threshold == "none":
+            self.register_buffer("v_threshold", torch.tensor(float(v_threshold)), persistent=False)
+        elif learnable_threshold == "layer":
+            self.v_threshold = nn.Parameter(torch.tensor(float(v_threshold)))
+        elif learnable_threshold == "channel":
+            if channels is None:
+                raise ValueError("a per-channel threshold needs the channel count")
+            self.v_threshold = nn.Parameter(torch.full((channels,), float(v_threshold)))
+        else:
+            raise ValueError(f"learnable_threshold must be none/layer/channel, got {learnable_threshold!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
+        if self.backend == "fused":
+            return _FusedLIF.apply(
+                x, self.v_threshold, self.tau, self.decay_input, self.surrogate.kind, self.surrogate.alpha
+            )
+        return self._loop(x)
+
+    def _loop(self, x: Tensor) -> Tensor:
+        v, th, out = torch.zeros_like(x[0]), self.v_threshold, []
+        for xt in x:
+            h = v + (xt - v) / self.tau if self.decay_input else v - v / self.tau + xt
+            s = self.surrogate(h - th)
+            v = h * (1 - s.detach())
+            out.append(s)
+        return torch.stack(out)
+
+    def extra_repr(self) -> str:
+        learn = "" if isinstance(self.v_threshold, nn.Parameter) else ", fixed threshold"
+        return f"tau={self.tau}, decay_input={self.decay_input}, backend={self.backend}{learn}"
+
+
+# ---------------------------------------------------------------------------------------------- fused backend
+def _charge(v: Tensor, x: Tensor, tau: float, decay_input: bool) -> Tensor:
+    return v + (x - v) / tau if decay_input else v - v / tau + x
+
+
+def lif_forward(x: Tensor, th: Tensor, tau: float, decay_input: bool) -> tuple[Tensor, Tensor]:
+    """Spikes and pre-reset membranes (T, ...) for the whole sequence of steps."""
+    v, spikes, membranes = torch.zeros_like(x[0]), [], []
+    for t in range(x.shape[0]):
+        h = _charge(v, x[t], tau, decay_input)
+        s = (h - th >= 0).to(x.dtype)
+        v = h * (1 - s)
+        spikes.append(s)
+        membranes.append(h)
+    return torch.stack(spikes), torch.stack(membranes)
+
+
+def lif_backward(
+    grad_s: Tensor, h: Tensor, th: Tensor, tau: float, decay_input: bool, kind: str, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. the input current and (unreduced) the threshold, by hand-written BPTT."""
+    gain = 1.0 / tau if decay_input else 1.0
+    grad_v = torch.zeros_like(h[0])
+    grad_x, grad_th = [], []
+    for t in range(h.shape[0] - 1, -1, -1):
+        u = h[t] - th
+        through_spike = grad_s[t] * GRADS[kind](u, alpha)
+        s = (u >= 0).to(h.dtype)
+        grad_h = through_spike + grad_v * (1 - s)
+        grad_x.append(grad_h * gain)
+        grad_th.append(-through_spike)
+        grad_v = grad_h * (1 - 1 / tau)
+    return torch.stack(grad_x[::-1]), torch.stack(grad_th[::-1])
+
+
+_kernels: dict[str, object] = {}
+
+
+def _kernel(name: str):
+    """The compiled version of lif_forward/lif_backward, or the eager one where torch.compile cannot run."""
+    if name not in _kernels:
+        fn = {"forward": lif_forward, "backward": lif_backward}[name]
+        try:
+            _kernels[name] = torch.compile(fn, dynamic=True)
+        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+            warnings.warn(f"torch.compile unavailable ({exc}); fused LIF runs eagerly", stacklevel=2)
+            _kernels[name] = fn
+    return _kernels[name]
+
+
+def _run(name: str, *args):
+    try:
+        return _kernel(name)(*args)
+    except Exception as exc:  # pragma: no cover - a compiler failure must not stop training
+        warnings.warn(f"compiled LIF {name} failed ({type(exc).__name__}: {exc}); using the eager kernel", stacklevel=2)
+        _kernels[name] = lif_forward if name == "forward" else lif_backward
+        return _kernels[name](*args)
+
+
+class _FusedLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, th, tau, decay_input, kind, alpha):  # type: ignore[override]
+        spikes, h = _run("forward", x, th.detach(), tau, decay_input)
+        ctx.save_for_backward(h, th)
+        ctx.args = (tau, decay_input, kind, alpha)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_s):  # type: ignore[override]
+        h, th = ctx.saved_tensors
+        grad_x, grad_th = _run("backward", grad_s.contiguous(), h, th.detach(), *ctx.args)
+        if ctx.needs_input_grad[1]:
+            dims = tuple(range(grad_th.dim() - th.dim()))
+            grad_th = grad_th.sum(dims).reshape(th.shape)
+        else:
+            grad_th = None
+        return grad_x, grad_th, None, None, None, None
