@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# SpikingJelly only for the cross-check tests; --no-deps keeps it from pulling another torch
+	$(PY) -m pip install -q --no-deps 'spikingjelly==2.0.0' || echo 'spikingjelly unavailable: its cross-checks will be skipped'
 	touch $(STAMP)
 
 install: $(STAMP)
