@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import SpikeDecoderConfig
 from .layers import Linear, LinearNorm, make_lif
-from .norms import LayerNorm
+from .norms import LayerNorm, make_norm
 
 
 def split_heads(x: Tensor, n_head: int) -> Tensor:
@@ -33,9 +33,10 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(-3, -2).reshape(*lead, s, h * d)
 
 
-def causal_mask(s: int, past: int, device: torch.device) -> Tensor:
-    """(S, past+S) boolean: query i (at absolute position past+i) sees keys 0..past+i."""
-    return torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
+def causal_mask(s: int, past: int, device: torch.device, window: int | None = None) -> Tensor:
+    """(S, past+S) boolean: query i (at absolute position past+i) sees keys 0..past+i, or only the last `window`."""
+    mask = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
+    return mask if window is None else mask.triu(past - window + 1)
 
 
 class SpikingSelfAttention(nn.Module):
@@ -52,7 +53,9 @@ class SpikingSelfAttention(nn.Module):
         self.q, self.k, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(3))
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
+        self.window = cfg.attn_window
         self.score_lif = make_lif(cfg) if self.binary_scores else None
+        self.av_norm = make_norm(cfg.norm, e) if cfg.av_norm else None
         self.attn_lif = make_lif(cfg, e)
         self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
         self.out_lif = make_lif(cfg, e) if output_lif else None
@@ -63,8 +66,14 @@ class SpikingSelfAttention(nn.Module):
         q = split_heads(self.q_lif(self.q(x)), self.n_head)  # (T, B, H, S, d_h) spikes
         k = split_heads(self.k_lif(self.k(x)), self.n_head)
         v = split_heads(self.v_lif(self.v(x)), self.n_head)
-        y = self._binary_scores(q, k, v, state) if self.binary_scores else self._running_sum(q, k, v, state)
-        y = self.attn_lif(merge_heads(y) * self.scale)
+        if self.binary_scores or self.window is not None:
+            y = self._cached_scores(q, k, v, state)
+        else:
+            y = self._running_sum(q, k, v, state)
+        y = merge_heads(y) * self.scale
+        if self.av_norm is not None:
+            y = self.av_norm(y)
+        y = self.attn_lif(y)
         y = self.proj(y)
         return self.out_lif(y) if self.out_lif is not None else y
 
@@ -80,14 +89,19 @@ class SpikingSelfAttention(nn.Module):
             state["kv"] = chunk if past is None else past + chunk
         return y
 
-    def _binary_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+    def _cached_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+        """Explicit score map over cached keys: for binary scores (degree 2) and for a sliding window, where
+        decoding keeps only the last window-1 keys and values (O(window) per token, still exact)."""
         if state is not None:
             if "k" in state:
                 k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
-            state["k"], state["v"] = k, v
+            keep = k.shape[-2] if self.window is None else self.window - 1
+            state["k"], state["v"] = k[..., k.shape[-2] - keep :, :], v[..., v.shape[-2] - keep :, :]
         past = k.shape[-2] - q.shape[-2]
-        scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device)
-        return self.score_lif(scores * self.scale) @ v
+        scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device, self.window)
+        if self.binary_scores:
+            return self.score_lif(scores * self.scale) @ v
+        return scores @ v
 
 
 class SoftmaxAttention(nn.Module):
@@ -111,7 +125,5 @@ class SoftmaxAttention(nn.Module):
         s, past = q.shape[-2], k.shape[-2] - q.shape[-2]
         mask = causal_mask(s, past, x.device)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=drop, scale=1 / math.sqrt(q.shape[-1])
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1 / math.sqrt(q.shape[-1]))
         return F.dropout(self.proj(merge_heads(y)), drop, self.training)

@@ -46,9 +46,7 @@ class SpikeDecoderConfig:
     token_code: str = "learned"
     position_code: str = "learned"
     combine: str = "sum"
-    code_dim: int | None = (
-        None  # width of a concatenated learned/float/sinusoidal code (default: see encoding)
-    )
+    code_dim: int | None = None  # width of a concatenated learned/float/sinusoidal code (default: see encoding)
     encoding: str = "direct"
     # components of the ablation ladder (SPEC section 5)
     attention: str = "spiking"
@@ -60,6 +58,8 @@ class SpikeDecoderConfig:
     norm: str = "layer"
     attn_scale: float | str = 0.125
     first_attn_lif: bool = False
+    attn_window: int | None = None  # spiking attention sees only the last W tokens (sliding-window running sum)
+    av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
     # LIF neuron (SPEC section 2)
     tau: float = 2.0
     v_threshold: float = 1.0
@@ -118,10 +118,13 @@ class SpikeDecoderConfig:
             f"residual={self.residual!r} must be 0 (float), 1 or 2 (spiking degree)",
         )
         need(
-            self.combine == "concat"
-            or (self.token_code in ("learned", "float") and self.position_code == "learned"),
+            self.combine == "concat" or (self.token_code in ("learned", "float") and self.position_code == "learned"),
             "combine='sum' adds two trained tables, so it needs token_code learned/float and position_code "
             f"learned; use combine='concat' for token_code={self.token_code!r}, position_code={self.position_code!r}",
+        )
+        need(
+            self.attn_window is None or (isinstance(self.attn_window, int) and self.attn_window >= 1),
+            f"attn_window must be None (whole context) or an integer >= 1, got {self.attn_window!r}",
         )
         if isinstance(self.attn_scale, str):
             need(self.attn_scale == "auto", f"attn_scale must be a number or 'auto', got {self.attn_scale!r}")
