@@ -1,0 +1,353 @@
+"""Energy accounting: exact op counts on hand-built models (computed by hand below), norms and folding, firing rates,
+pricing, the report and CLI, and a cross-check against SpikingJelly's op counter where it is installed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from spikedecoder import SpikeDecoder, SpikeDecoderConfig
+from spikedecoder.attention import SoftmaxAttention
+from spikedecoder.energy import PRESETS, compare_reports, count_ops, energy_report, subblock
+from spikedecoder.layers import LinearNorm, batch_invariant
+from spikedecoder.neurons import LIF
+
+V = 20
+
+
+def tiny(preset: str = "spikedecoder", seed: int = 0, **overrides) -> SpikeDecoder:
+    """A small random model; BatchNorm/PowerNorm get running statistics from a few training forwards."""
+    torch.manual_seed(seed)
+    cfg = SpikeDecoderConfig.from_preset(preset, vocab_size=V, max_len=16, n_layer=2, n_head=2, n_embd=32, **overrides)
+    model = SpikeDecoder(cfg)
+    if cfg.norm in ("batch", "power"):
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randint(0, V, (4, 16)))
+    return model.eval()
+
+
+def ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class InBlock(nn.Module):
+    """Puts a module at blocks.0.<name>, where the counter names places the way it does in SpikeDecoder."""
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__()
+        block = nn.Module()
+        block.add_module(name, module)
+        self.blocks = nn.ModuleList([block])
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.blocks[0], self.name)(x)
+
+
+# ---------------------------------------------------------------------------------------------- hand-counted ops
+def test_linear_on_a_known_spike_pattern_costs_nnz_times_fan_out():
+    lin = nn.Linear(4, 3)
+    spikes = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])  # 3 spikes, each reaching 3 outputs
+    ops = count_ops(lin, spikes).place("model")
+    assert ops == {"ac": 9, "ac_fanout": 9, "add": 6, "mem": 9}  # 2 rows x 3 bias adds
+
+    # the same layer on non-binary values: detected from the data, so MACs (zeros still skipped)
+    ops = count_ops(lin, spikes * 2).place("model")
+    assert ops == {"mac": 9, "add": 6, "mem": 9}
+    dense = torch.tensor([[0.5, -1.0, 2.0, 0.1], [1.5, 0.3, -0.2, 0.7]])
+    assert count_ops(lin, dense).place("model")["mac"] == 2 * 4 * 3
+
+    # a (T, B, E) input goes through aten.linear's reshapes: same rule
+    t_spikes = torch.stack([spikes, torch.zeros_like(spikes), spikes.flip(0)])  # 6 spikes over T=3
+    assert count_ops(lin, t_spikes).place("model")["ac"] == 6 * 3
+
+
+class CoincidenceAttention(nn.Module):
+    """Causal spiking attention on given q, k, v spikes: (Q K^T * causal mask) V, as SpikingSelfAttention does."""
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.unbind(0)
+        s = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)) * torch.ones(s, s, dtype=torch.bool).tril()
+        return scores @ v
+
+
+def test_qk_and_av_on_spikes_count_exact_coincidences_and_fan_out():
+    q = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]])
+    k = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0], [1, 1, 0, 1]])
+    v = torch.tensor([[0.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+    # q_i . k_j by hand:      j=0 j=1 j=2
+    #                   i=0    1   1   2
+    #                   i=1    0   2   1
+    #                   i=2    1   0   2      all 10; causal (j <= i): 1 + 0+2 + 1+0+2 = 6
+    # masked A = [[1,0,0],[0,2,0],[1,0,2]]: non-zero A_ij times nnz(v_j) = 1 + 2 + 1 + 2 = 6 (nnz(v) = 1, 2, 2)
+    # fan-out (paper): nnz(Q) * S = 6 * 3 = 18; A is not binary, so nnz(V) * S = 5 * 3 = 15
+    model = InBlock("attn", CoincidenceAttention())
+    ops = count_ops(model, torch.stack([q, k, v]))
+    assert ops.place("block0.attention.scores") == {"ac": 6, "ac_fanout": 18}
+    assert ops.place("block0.attention.values") == {"ac": 6, "ac_fanout": 15}
+    full = count_ops(model, torch.stack([q, k, v]), skip_masked=False)
+    assert full.place("block0.attention.scores")["ac"] == 10  # what the dense product computes
+    assert [r["charged"] for r in ops.products] == [6, 6]
+    assert [r["computed"] for r in ops.products] == [10, 6]
+
+
+def softmax_attention_ops(s: int, e: int, h: int) -> dict[str, dict[str, int]]:
+    """Hand count for SoftmaxAttention on one sequence of s tokens, width e, h heads (d = e / h)."""
+    d, rows, pairs = e // h, s, h * s * (s + 1) // 2
+    return {
+        "block0.attention.norms": {"add": rows * 2 * e, "mac": rows * 2 * e, "mul": rows * (e + 2), "sqrt": rows,
+                                   "div": rows},
+        "block0.attention.qkv": {"mac": s * e * 3 * e, "mem": s * e * 3 * e, "add": s * 3 * e},
+        # q and k scaled by sqrt(1/sqrt(d)) each; then softmax over the unmasked pairs: max, subtract, exp, sum,
+        # one reciprocal per row and a multiply per entry
+        "block0.attention.scores": {"mul": 2 * s * e + pairs, "mac": pairs * d, "cmp": pairs, "add": 2 * pairs,
+                                    "exp": pairs, "div": h * s},
+        "block0.attention.values": {"mac": pairs * d},
+        "block0.attention.proj": {"mac": s * e * e, "mem": s * e * e, "add": s * e},
+    }  # fmt: skip
+
+
+def test_softmax_attention_counts_match_the_hand_count():
+    torch.manual_seed(0)
+    cfg = SpikeDecoderConfig.from_preset("ann", vocab_size=V, max_len=8, n_layer=1, n_head=2, n_embd=4)
+    model = InBlock("attn", SoftmaxAttention(cfg)).eval()
+    ops = count_ops(model, torch.randn(1, 1, 3, 4))
+    assert ops.counts == softmax_attention_ops(s=3, e=4, h=2)
+    assert not ops.unpriced
+
+
+class FusedSDPA(nn.Module):
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.unbind(0)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]
+
+
+def test_fused_attention_kernel_is_charged_like_its_math_form():
+    qkv = torch.randn(3, 1, 2, 3, 2)  # (q/k/v, B, H, S, d)
+    ops = count_ops(InBlock("attn", FusedSDPA()), qkv)
+    expected = softmax_attention_ops(s=3, e=4, h=2)
+    assert ops.place("block0.attention.scores") == expected["block0.attention.scores"]
+    assert ops.place("block0.attention.values") == expected["block0.attention.values"]
+
+
+def test_layer_norm_is_charged_per_row():
+    x = torch.randn(2, 3, 5)  # 6 rows of C = 5
+    ops = count_ops(nn.LayerNorm(5), x).place("model")
+    assert ops == {"add": 6 * 2 * 5, "mac": 6 * (5 + 5), "mul": 6 * (5 + 2), "sqrt": 6, "div": 6}
+    bare = count_ops(nn.LayerNorm(5, elementwise_affine=False), x).place("model")
+    assert bare["mac"] == 6 * 5  # the variance only: no affine
+
+
+@pytest.mark.parametrize("norm", ["batch", "power"])
+def test_folded_batch_and_power_norm_cost_nothing(norm):
+    torch.manual_seed(0)
+    layer = LinearNorm(4, 3, norm)
+    layer.train()
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(8, 4))
+    layer.eval()
+    spikes = (torch.rand(5, 4) < 0.5).float()
+    before = count_ops(layer, spikes)
+    expected = {"mac": 5 * 3} if norm == "batch" else {"mul": 5 * 3, "add": 5 * 3}  # x * a + c per element
+    assert before.place("norm") == expected
+    assert layer.fold()
+    after = count_ops(layer, spikes)
+    assert after.place("norm") == {}
+    assert after.place("linear") == before.place("linear")
+
+
+def test_lif_updates_comparisons_and_firing_rate():
+    lif = LIF(tau=2.0, v_threshold=1.0, backend="fused")
+    # tau = 2: input 3.0 charges to 1.5 and fires every step; input 1.5 charges to .75, 1.125 (fire), .75, 1.125
+    x = torch.tensor([[3.0, 1.5]] * 4)
+    ops = count_ops(InBlock("mlp", nn.Sequential(lif)), x)
+    assert ops.place("block0.mlp.lif") == {"lif": 8, "cmp": 8, "add": 8}  # the LIF's inner ops are not recounted
+    assert ops.firing == {"blocks.0.mlp.0": (6, 8)}
+    assert ops.firing_rates() == {"blocks.0.mlp.0": 0.75}
+    assert lif.backend == "fused"  # restored after counting on the loop backend
+
+
+def test_firing_rates_equal_the_spikes_the_layers_emit():
+    model = tiny()
+    seen: dict[str, list[float]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=name: seen.setdefault(n, []).extend([out.sum(), out.numel()]))
+        for name, m in model.named_modules()
+        if isinstance(m, LIF)
+    ]
+    with torch.no_grad():
+        model(ids())
+    for h in hooks:
+        h.remove()
+    rates = count_ops(model, ids()).firing_rates()
+    assert set(rates) == set(seen)
+    for name, (spikes, n) in seen.items():
+        assert rates[name] == pytest.approx(float(spikes) / n)
+    assert any(r > 0 for r in rates.values())
+
+
+def test_ann_macs_match_the_closed_form():
+    model = tiny("ann")
+    b, s, e, v, h, layers = 2, 16, 32, V, 2, 2
+    d, pairs = e // h, b * h * s * (s + 1) // 2
+    per_block = 2 * b * s * 2 * e + b * s * e * 3 * e + 2 * pairs * d + b * s * e * e + 2 * b * s * e * 4 * e
+    expected = layers * per_block + b * s * 2 * e + b * s * e * v  # + head LayerNorm and projection
+    ops = count_ops(model, ids(b, s))
+    assert ops.total("mac") == expected
+    assert ops.total("ac") == 0
+
+
+# ---------------------------------------------------------------------------------------------- whole models
+VARIANTS = [
+    ("ann", {}),
+    ("spiking-attention", {}),
+    ("spiking-attention-mlp", {}),
+    ("spikedecoder", {}),
+    ("spikedecoder", {"norm": "power"}),
+    ("spikedecoder", {"norm": "batch", "residual": 1, "first_attn_lif": True}),
+    ("spikedecoder", {"residual": 2, "av_norm": True, "head_combine": "concat"}),
+    ("spikedecoder", {"token_code": "binary", "position_code": "sinusoidal", "combine": "concat"}),
+]
+
+
+@pytest.mark.parametrize("preset,overrides", VARIANTS)
+def test_every_operation_is_priced_and_placed(preset, overrides):
+    ops = count_ops(tiny(preset, **overrides), ids(1, 8))
+    assert ops.unpriced == {}
+    known = {
+        "embedding", "head", "head.lif", "head.norms", "residual", "attention.qkv", "attention.scores",
+        "attention.values", "attention.proj", "attention.norms", "attention.lif", "mlp.fc1", "mlp.fc2", "mlp.act",
+        "mlp.norms", "mlp.lif",
+    }  # fmt: skip
+    assert {subblock(p) for p in ops.counts} <= known
+    assert ops.total("ac_fanout") >= ops.total("ac")
+    spiking = preset != "ann"
+    assert (ops.total("ac") > 0) == spiking
+    assert (ops.total("lif") > 0) == spiking
+
+
+def test_counts_do_not_depend_on_batch_invariant_mode():
+    model = tiny()
+    with batch_invariant(True):
+        chunked = count_ops(model, ids())
+    assert chunked.counts == count_ops(model, ids()).counts
+
+
+def test_layer_norm_model_costs_more_than_folded_power_norm_and_the_report_shows_where():
+    ln = energy_report(tiny(norm="layer"), ids())
+    pn = energy_report(tiny(norm="power"), ids())
+    assert pn["folded_norms"] == 2 * 6  # q, k, v, proj, fc1, fc2 per block
+    assert ln["folded_norms"] == 0
+    assert ln["total_pj_per_token"] > pn["total_pj_per_token"]
+    for name in ("attention.norms", "mlp.norms"):
+        assert ln["per_subblock_pj"][name] > 0
+        assert pn["per_subblock_pj"].get(name, 0.0) == 0.0
+    unfolded = energy_report(tiny(norm="power"), ids(), fold=False)
+    assert unfolded["per_subblock_pj"]["mlp.norms"] > 0
+
+
+def test_energy_prices_and_report():
+    assert (PRESETS["fp32"].mac, PRESETS["fp32"].ac) == (4.6, 0.9)
+    assert (PRESETS["fp16"].mac, PRESETS["fp16"].ac) == (1.5, 0.4)
+    assert (PRESETS["int8"].mac, PRESETS["int8"].ac) == (0.23, 0.03)
+    lin = nn.Linear(4, 3)
+    spikes = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])  # 9 AC, 6 adds, 9 weight reads; 8 "tokens" (numel)
+    for name, energy in PRESETS.items():
+        r = energy_report(lin, spikes, name)
+        assert r["total_pj_per_token"] == pytest.approx((9 + 6) * energy.ac / 8)
+        with_memory = energy_report(lin, spikes, name, memory=True)
+        assert with_memory["total_pj_per_token"] == pytest.approx(((9 + 6) * energy.ac + 9 * energy.mem) / 8)
+    dense = energy_report(lin, torch.full((2, 4), 0.5), "fp32")
+    assert dense["total_pj_per_token"] == pytest.approx((24 * 4.6 + 6 * 0.9) / 8)
+    json.dumps(dense)  # JSON-ready
+
+
+def test_report_sums_and_comparison():
+    snn, ann = energy_report(tiny(), ids()), energy_report(tiny("ann"), ids())
+    for r in (snn, ann):
+        assert r["tokens"] == 32 and r["window"] == 16
+        assert sum(r["per_place_pj"].values()) == pytest.approx(r["total_pj_per_token"])
+        assert sum(r["per_subblock_pj"].values()) == pytest.approx(r["total_pj_per_token"])
+        assert sum(r["per_kind_pj"].values()) == pytest.approx(r["total_pj_per_token"])
+    assert set(snn["firing_rates"]) and not ann["firing_rates"]
+    c = compare_reports(snn, ann)
+    assert c["saving_percent"] == pytest.approx(100 * (1 - snn["total_pj_per_token"] / ann["total_pj_per_token"]))
+    assert c["per_subblock_pj"]["attention.qkv"]["ann"] > c["per_subblock_pj"]["attention.qkv"]["snn"] > 0
+    with pytest.raises(ValueError, match="same energy preset"):
+        compare_reports(snn, energy_report(tiny("ann"), ids(), "int8"))
+    with pytest.raises(ValueError, match="unknown energy preset"):
+        energy_report(tiny(), ids(), "fp64")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_energy_table_json_and_plot(tmp_path, capsys):
+    from spikedecoder.cli import main
+    from spikedecoder.data import CharTokenizer
+    from spikedecoder.train import save_checkpoint
+
+    text = "to be, or not to be: that is the question. whether tis nobler in the mind to suffer\n" * 40
+    (tmp_path / "text.txt").write_text(text)
+    tok = CharTokenizer.from_text(text)
+    meta = {"train": {"data": str(tmp_path / "text.txt"), "val_frac": 0.1, "test_frac": 0.1}}
+    for preset in ("spikedecoder", "ann"):
+        torch.manual_seed(0)
+        cfg = SpikeDecoderConfig.from_preset(
+            preset, vocab_size=tok.vocab_size, max_len=16, n_layer=1, n_head=2, n_embd=16
+        )
+        save_checkpoint(tmp_path / preset, SpikeDecoder(cfg).eval(), tok, meta)
+
+    png = tmp_path / "energy.png"
+    snn_dir, ann_dir = str(tmp_path / "spikedecoder"), str(tmp_path / "ann")
+    assert main(["energy", snn_dir, "--baseline", ann_dir, "--windows", "2", "--json", "--plot", str(png)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"]["tokens"] == 2 * 16 and result["model"]["firing_rates"]
+    c = result["comparison"]
+    assert c["ann_pj_per_token"] == pytest.approx(result["baseline"]["total_pj_per_token"])
+    assert png.stat().st_size > 10_000
+
+    assert main(["energy", snn_dir, "--baseline-preset", "ann", "--windows", "1", "--preset", "fp16"]) == 0
+    table = capsys.readouterr().out
+    assert "saving:" in table and "attention.qkv" in table and "firing rates" in table and "fp16" in table
+
+
+# ---------------------------------------------------------------------------------------------- SpikingJelly
+def spikingjelly_counters():
+    pytest.importorskip("spikingjelly")
+    from importlib.metadata import version
+
+    if int(version("spikingjelly").split(".")[0]) < 2:
+        pytest.skip("the op counter needs spikingjelly >= 2")
+    return pytest.importorskip("spikingjelly.activation_based.op_counter")
+
+
+@pytest.mark.parametrize("preset,overrides", [("spikedecoder", {}), ("ann", {}), ("spikedecoder", {"residual": 2})])
+def test_linear_and_matmul_counts_agree_with_spikingjelly(preset, overrides):
+    """SpikingJelly counts spike x weight as nnz * fan-out, spike x spike as the exact pairs, float x float as
+    dense m*k*n, and ignores causal masks; compare ours under the same conventions on the same forward."""
+    oc = spikingjelly_counters()
+    model, x = tiny(preset, **overrides), ids()
+    synops, macs = oc.SynOpCounter(), oc.MACCounter()
+    with torch.no_grad(), oc.DispatchCounterMode([synops, macs]):
+        model(x)
+    sj = {kind: counter.get_counts()["Global"] for kind, counter in (("ac", synops), ("mac", macs))}
+    sj_linear = {kind: sum(v for op, v in c.items() if "mm.default" in str(op) and "bmm" not in str(op))
+                 for kind, c in sj.items()}  # fmt: skip
+
+    ops = count_ops(model, x, skip_masked=False)
+    ours_linear = {kind: sum(r["charged"] for r in ops.products if r["weight"] and r["kind"] == kind)
+                   for kind in ("ac", "mac")}  # fmt: skip
+    assert ours_linear == sj_linear
+    ours = sum(
+        r["dense"] if r["kind"] == "mac" else r["computed"] if all(r["binary"]) else r["fanout"] for r in ops.products
+    )
+    total = sum(sum(c.values()) for c in sj.values())
+    assert total > 0
+    assert math.isclose(ours, total, rel_tol=0.01)
