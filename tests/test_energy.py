@@ -215,6 +215,8 @@ VARIANTS = [
     ("spikedecoder", {"norm": "batch", "residual": 1, "first_attn_lif": True}),
     ("spikedecoder", {"residual": 2, "av_norm": True, "head_combine": "concat"}),
     ("spikedecoder", {"token_code": "binary", "position_code": "sinusoidal", "combine": "concat"}),
+    ("spikedecoder", {"attn_window": 4}),
+    ("spiking-attention", {"encoding": "rate"}),
 ]
 
 
@@ -280,6 +282,12 @@ def test_report_sums_and_comparison():
     assert set(snn["firing_rates"]) and not ann["firing_rates"]
     c = compare_reports(snn, ann)
     assert c["saving_percent"] == pytest.approx(100 * (1 - snn["total_pj_per_token"] / ann["total_pj_per_token"]))
+    # the matrix products alone: ANN MACs and SNN ACs of the linear/attention products, by hand from the kinds
+    ann_products = sum(r["kind"] == "mac" for r in count_ops(tiny("ann"), ids()).products)
+    assert ann_products == 2 * 6 + 1  # qkv, scores, values, proj, fc1, fc2 per block, and the head
+    assert snn["synaptic_pj_per_token"] == pytest.approx(snn["per_kind_pj"]["ac"])  # every SNN product is on spikes
+    assert ann["synaptic_pj_per_token"] < ann["per_kind_pj"]["mac"]  # LayerNorm MACs are not synaptic
+    assert c["saving_percent_synaptic"] > c["saving_percent"]
     assert c["per_subblock_pj"]["attention.qkv"]["ann"] > c["per_subblock_pj"]["attention.qkv"]["snn"] > 0
     with pytest.raises(ValueError, match="same energy preset"):
         compare_reports(snn, energy_report(tiny("ann"), ids(), "int8"))
