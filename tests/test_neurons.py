@@ -1,0 +1,233 @@
+"""LIF neuron and surrogate gradients: a hand-worked trace, the SpikingJelly 2.x reference, the fused backend."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+from spikedecoder import neurons
+from spikedecoder.neurons import LIF
+from spikedecoder.surrogate import Surrogate, spike
+
+
+def atan_grad(u: float, alpha: float = 2.0) -> float:
+    """d/du [arctan(pi/2 * alpha * u) / pi + 1/2], written out by hand."""
+    return (alpha / 2) / (1 + (math.pi / 2 * alpha * u) ** 2)
+
+
+def currents(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Input currents centred so that about a quarter to a half of the neurons fire at some step."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 1.5 + 0.8
+
+
+# ---------------------------------------------------------------------------------------------- surrogates
+@pytest.mark.parametrize(
+    ("kind", "alpha", "primitive"),
+    [
+        ("atan", 2.0, lambda x, a: torch.atan(math.pi / 2 * a * x) / math.pi + 0.5),
+        ("atan", 3.0, lambda x, a: torch.atan(math.pi / 2 * a * x) / math.pi + 0.5),
+        ("sigmoid", 4.0, lambda x, a: torch.sigmoid(a * x)),
+        ("sigmoid", 1.5, lambda x, a: torch.sigmoid(a * x)),
+    ],
+)
+def test_surrogate_is_heaviside_forward_and_smooth_derivative_backward(kind, alpha, primitive) -> None:
+    x = torch.linspace(-2, 2, 401, dtype=torch.float64).requires_grad_()
+    s = spike(x, kind, alpha)
+    assert torch.equal(s, (x >= 0).double())  # fires at exactly 0, as SpikingJelly's heaviside
+    s.sum().backward()
+    smooth = x.detach().clone().requires_grad_()
+    primitive(smooth, alpha).sum().backward()
+    torch.testing.assert_close(x.grad, smooth.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_default_alphas_and_bad_surrogate_name() -> None:
+    assert Surrogate("atan").alpha == 2.0 and Surrogate("sigmoid").alpha == 4.0
+    with pytest.raises(ValueError, match="unknown surrogate 'relu'.*atan, sigmoid"):
+        Surrogate("relu")
+
+
+# ---------------------------------------------------------------------------------------------- hand computation
+def test_lif_decay_input_against_a_hand_trace() -> None:
+    """tau=2, v_th=1, decay_input: h = v + (x - v)/2, fire at h >= 1, hard reset to 0."""
+    x = torch.tensor([2.5, 0.5, 3.0, 0.0, 1.0], requires_grad=True)
+    s = LIF()(x[:, None])[:, 0]
+    # h: 1.25 (fire, v=0), 0.25, 0.25+(3-0.25)/2 = 1.625 (fire, v=0), 0, 0.5
+    h = [1.25, 0.25, 1.625, 0.0, 0.5]
+    assert s.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    s.sum().backward()
+    # BPTT by hand: dh_t = g(h_t - 1) + dh_{t+1} * (1 - 1/tau) * (1 - s_t) (reset detached); dx_t = dh_t / tau
+    g = [atan_grad(v - 1) for v in h]
+    dh4 = g[4]
+    dh3 = g[3] + dh4 * 0.5
+    dh2 = g[2]  # s_2 = 1: the reset cuts the path from later steps
+    dh1 = g[1] + dh2 * 0.5
+    dh0 = g[0]
+    expected = torch.tensor([dh0, dh1, dh2, dh3, dh4]) / 2
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=0)
+
+
+def test_lif_without_decay_input_and_threshold_gradient_against_a_hand_trace() -> None:
+    """decay_input=False: h = v/2 + x; the threshold gradient is -sum_t g(h_t - v_th) * dL/ds_t."""
+    lif = LIF(decay_input=False, v_threshold=0.8, learnable_threshold="layer")
+    x = torch.tensor([0.5, 0.6, 0.2, 1.0], requires_grad=True)
+    s = lif(x[:, None])[:, 0]
+    # h: 0.5, 0.25+0.6 = 0.85 (fire, v=0), 0.2, 0.1+1.0 = 1.1 (fire)
+    h = [0.5, 0.85, 0.2, 1.1]
+    assert s.tolist() == [0.0, 1.0, 0.0, 1.0]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    (s * weights).sum().backward()
+    g = [atan_grad(v - 0.8) * w for v, w in zip(h, weights.tolist(), strict=True)]
+    dh3 = g[3]
+    dh2 = g[2] + dh3 * 0.5
+    dh1 = g[1]
+    dh0 = g[0] + dh1 * 0.5
+    torch.testing.assert_close(x.grad, torch.tensor([dh0, dh1, dh2, dh3]), rtol=1e-6, atol=0)  # gain 1, not 1/tau
+    torch.testing.assert_close(lif.v_threshold.grad, torch.tensor(-sum(g)), rtol=1e-6, atol=0)
+
+
+def test_constant_binary_input_never_fires_with_tau_2() -> None:
+    """SPEC section 2 pitfall: v = .5, .75, .875, ... approaches 1 from below, so a LIF on {0,1} input is silent."""
+    # v_t = 1 - 2^-t: silent for any practical T (float32 rounds it up to 1 only after 24 steps)
+    assert LIF()(torch.ones(16, 3, 5)).sum() == 0
+    assert LIF(decay_input=False)(torch.ones(4, 3)).sum() > 0  # without input decay the same input does fire
+
+
+def test_state_resets_on_every_call_and_neurons_are_independent() -> None:
+    lif = LIF()
+    x = currents((6, 4, 9))
+    first = lif(x)
+    assert torch.equal(lif(x), first)  # no state carried between calls (integration over T only)
+    perm = torch.randperm(9)
+    assert torch.equal(lif(x[..., perm]), first[..., perm])  # each feature on its own
+    assert torch.equal(lif(x[:, :1]), first[:, :1])  # each token on its own
+
+
+def test_per_channel_threshold_broadcasts_over_the_last_axis() -> None:
+    lif = LIF(learnable_threshold="channel", channels=3)
+    with torch.no_grad():
+        lif.v_threshold.copy_(torch.tensor([0.1, 1.0, 100.0]))
+    s = lif(torch.full((4, 2, 3), 0.5))
+    assert s[..., 0].sum() > 0 and s[..., 2].sum() == 0
+    assert "fixed threshold" not in repr(lif) and "fixed threshold" in repr(LIF())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(tau=1.0), "tau must be > 1"),
+        (dict(backend="cuda"), "backend must be 'loop' or 'fused'"),
+        (dict(learnable_threshold="channel"), "per-channel threshold needs the channel count"),
+        (dict(learnable_threshold="token"), "learnable_threshold must be none/layer/channel"),
+        (dict(surrogate="relu"), "unknown surrogate"),
+    ],
+)
+def test_bad_lif_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LIF(**kwargs)
+
+
+def test_lif_rejects_inputs_without_timesteps() -> None:
+    with pytest.raises(ValueError, match=r"\(T, \.\.\.\) input with T >= 1.*\(0, 3\)"):
+        LIF()(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match=r"T >= 1, got shape \(5,\)"):
+        LIF()(torch.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------------- SpikingJelly 2.x
+@pytest.mark.parametrize("decay_input", [True, False])
+@pytest.mark.parametrize("kind", ["atan", "sigmoid"])
+def test_matches_spikingjelly_lifnode(decay_input: bool, kind: str) -> None:
+    neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    reference = neuron.LIFNode(
+        tau=2.0,
+        decay_input=decay_input,
+        v_threshold=1.0,
+        v_reset=0.0,
+        surrogate_function=surrogate.ATan() if kind == "atan" else surrogate.Sigmoid(),
+        detach_reset=True,
+        step_mode="m",
+    )
+    ours = LIF(tau=2.0, decay_input=decay_input, surrogate=kind)
+    x_ref = currents((8, 3, 40), seed=1).requires_grad_()
+    x_ours = x_ref.detach().clone().requires_grad_()
+    upstream = torch.randn(8, 3, 40, generator=torch.Generator().manual_seed(2))
+    s_ref, s_ours = reference(x_ref), ours(x_ours)
+    assert torch.equal(s_ref, s_ours)
+    assert 0.1 < s_ours.mean() < 0.6  # both regimes (firing and silent) are exercised
+    (s_ref * upstream).sum().backward()
+    (s_ours * upstream).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- fused backend
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def compare_backends(decay_input: bool, threshold: str, surrogate: str = "atan", compiled: bool = True) -> None:
+    """Same spikes, input and threshold gradients within 1e-6 relative (one shape for all, to compile once)."""
+    channels = 16
+    kwargs = dict(
+        decay_input=decay_input, learnable_threshold=threshold, channels=channels, v_threshold=0.9, surrogate=surrogate
+    )
+    loop, fused = LIF(**kwargs), LIF(**kwargs, backend="fused")
+    if threshold != "none":
+        with torch.no_grad():
+            th = torch.linspace(0.6, 1.3, channels) if threshold == "channel" else torch.tensor(1.1)
+            loop.v_threshold.copy_(th)
+            fused.v_threshold.copy_(th)
+    x_loop = currents((4, 5, 7, channels), seed=3).requires_grad_()
+    x_fused = x_loop.detach().clone().requires_grad_()
+    upstream = torch.randn(x_loop.shape, generator=torch.Generator().manual_seed(4))
+    with no_fallback_warning() if compiled else contextlib.nullcontext():
+        s_fused = fused(x_fused)
+        (s_fused * upstream).sum().backward()
+    s_loop = loop(x_loop)
+    (s_loop * upstream).sum().backward()
+    assert torch.equal(s_fused, s_loop)
+    assert 0.05 < s_loop.mean() < 0.7
+    assert _relative_error(x_fused.grad, x_loop.grad) <= 1e-6
+    if threshold == "none":
+        assert fused.v_threshold.grad is None
+    else:
+        assert fused.v_threshold.grad.shape == loop.v_threshold.grad.shape
+        assert _relative_error(fused.v_threshold.grad, loop.v_threshold.grad) <= 1e-6
+
+
+FUSED_CASES = [(d, th) for d in (True, False) for th in ("none", "layer", "channel")]
+COMPILED_BY_DEFAULT = [(True, "channel"), (False, "layer")]  # each compiled variant costs 10-20 s on a cold cache
+
+
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
+@pytest.mark.parametrize(("decay_input", "threshold"), FUSED_CASES)
+def test_fused_equations_equal_the_loop(monkeypatch, decay_input: bool, threshold: str, surrogate: str) -> None:
+    """The fused backend's forward and hand-written BPTT, run eagerly (no compile), for every case."""
+    monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
+    compare_backends(decay_input, threshold, surrogate, compiled=False)
+
+
+@pytest.mark.parametrize(
+    ("decay_input", "threshold"),
+    [pytest.param(*case, marks=() if case in COMPILED_BY_DEFAULT else pytest.mark.slow) for case in FUSED_CASES],
+)
+def test_compiled_fused_backend_equals_the_loop(decay_input: bool, threshold: str) -> None:
+    """The torch.compile'd kernels themselves (two variants by default, all six with -m slow)."""
+    compare_backends(decay_input, threshold, compiled=True)
+    assert neurons._kernels["forward"] is not neurons.lif_forward, "the forward kernel was not compiled"
+    assert neurons._kernels["backward"] is not neurons.lif_backward, "the backward kernel was not compiled"
+
+
+@contextlib.contextmanager
+def no_fallback_warning():
+    """Fail if the fused kernel fell back to eager: the compiled path is the one under test."""
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        yield
+    fallbacks = [str(w.message) for w in records if "LIF" in str(w.message)]
+    assert not fallbacks, fallbacks
