@@ -61,7 +61,7 @@ class LinearNorm(nn.Module):
         """Merge an eval-mode BatchNorm/PowerNorm into the Linear; returns whether anything was folded."""
         if not foldable(self.norm):
             return False
-        a, c = self.norm.affine()
+        a, c = self.norm.affine_map()
         self.linear.weight.mul_(a[:, None])
         self.linear.bias.mul_(a).add_(c)
         self.norm = nn.Identity()

@@ -159,7 +159,13 @@ class SpikeDecoder(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SpikeDecoder:
         config, state = load_model_files(directory, map_location)
         model = cls(SpikeDecoderConfig.from_dict(config))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes differ: config.json and the weights disagree
+            raise ValueError(
+                f"checkpoint {directory} does not match its config ({exc}); it was written by another version "
+                "or is corrupt"
+            ) from exc
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {directory} does not match its config: missing {missing[:5]}, "

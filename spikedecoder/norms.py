@@ -16,7 +16,7 @@ class SeqBatchNorm(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
-    def affine(self) -> tuple[Tensor, Tensor]:
+    def affine_map(self) -> tuple[Tensor, Tensor]:
         """Eval-mode map y = a * x + c."""
         a = self.weight / torch.sqrt(self.running_var + self.eps)
         return a, self.bias - a * self.running_mean
@@ -67,7 +67,7 @@ class PowerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
-            a, c = self.affine()
+            a, c = self.affine_map()
             return x * a + c
         if int(self.steps) < self.warmup:
             # cumulative average of batch second moments: a sound psi before the EMA takes over
@@ -78,7 +78,7 @@ class PowerNorm(nn.Module):
         self.steps += 1
         return _PowerNormFn.apply(x, self.weight, self.bias, self.running_psi2, self.nu, self.momentum)
 
-    def affine(self) -> tuple[Tensor, Tensor]:
+    def affine_map(self) -> tuple[Tensor, Tensor]:
         return self.weight * torch.rsqrt(self.running_psi2 + 1e-5), self.bias
 
 
