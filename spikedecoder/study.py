@@ -1,0 +1,608 @@
+"""The study (issue #5): train a grid of variants of the ablation ladder, measure each one's quality and energy per
+token, and write the quality-vs-energy frontier. `spikedecoder study configs/studies/default.toml --out runs/study`.
+
+A study file is TOML, laid out like configs/run.toml plus a list of variants:
+
+    [study]            what to measure: baseline (the ANN variant's name), energy_preset, energy_windows, threads,
+                       final_eval_batches, gpu (the study file `--scale gpu` switches to)
+    [model]            base model settings shared by every variant
+    [train]            training settings shared by every variant
+    [presets.NAME]     overrides applied to every variant of preset NAME
+    [[variants]]       name, preset, group (a label for the tables and plots), description, and optional
+                       `model = {...}` / `train = {...}` overrides of this variant only
+
+Every variant trains in OUT/runs/NAME with the resumable `train()` loop. When it has reached max_steps, the study
+evaluates it on the whole validation split, measures its energy on validation text (`energy.energy_report`) and
+stores everything in OUT/runs/NAME/result.json. A rerun skips variants whose result.json matches their settings
+(an interrupted one resumes from its checkpoint) and only rewrites the aggregate files:
+results.csv, results.md, frontier.png, curves.png and firing_rates.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, SpikeDecoderConfig
+from .train import (
+    TrainConfig,
+    checkpoint_dir,
+    evaluate,
+    load_checkpoint,
+    prepare_data,
+    read_history,
+    train,
+    validation_ids,
+)
+
+RESULT = "result.json"
+STUDY_KEYS = {
+    "description": "",
+    "baseline": "ann",  # the variant every other one is compared with
+    "energy_preset": "fp32",  # 45 nm prices: fp32, fp16 or int8
+    "energy_memory": False,  # add SRAM reads of the weights
+    "energy_windows": 4,  # validation windows of max_len tokens used to count operations and firing rates
+    "final_eval_batches": "all",  # batches of the final evaluation ("all": the whole validation split)
+    "threads": None,  # torch intra-op threads (None: torch's default)
+    "gpu": None,  # study file that `--scale gpu` uses instead of this one (relative to this file)
+}
+VARIANT_KEYS = {"name", "preset", "group", "description", "model", "train"}
+# settings that do not change what a finished run has learnt: changing them does not invalidate its result
+UNTRACKED_TRAIN = {"max_minutes", "checkpoint_interval", "log", "device"}
+PLOTS = ("frontier.png", "curves.png", "firing_rates.png")
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclass
+class Variant:
+    """One cell of the grid: a named model and how to train it."""
+
+    name: str
+    group: str
+    preset: str
+    description: str
+    model: SpikeDecoderConfig
+    train: TrainConfig
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the trained weights depend on; a stored result is reused only when this is unchanged."""
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in UNTRACKED_TRAIN}
+        return {"model": self.model.to_dict(), "train": train}
+
+
+def load_study(path: str | Path, sets: list[str] | None = None, scale: str = "cpu") -> dict[str, Any]:
+    """Read a study file (switching to its GPU twin for scale='gpu') and apply `section.key=value` overrides."""
+    from .cli import load_config_file
+
+    path = Path(path)
+    if scale == "gpu":
+        study = load_config_file(str(path), []).get("study", {})
+        if study.get("gpu"):
+            path = path.parent / study["gpu"]
+        elif "device" not in study:
+            raise ConfigError(
+                f'{path} names no GPU study ([study] gpu = "FILE") and is not one itself; '
+                "use configs/studies/gpu.toml or drop --scale gpu"
+            )
+    config = load_config_file(str(path), sets or [])
+    config["_path"] = str(path)
+    return config
+
+
+def study_settings(config: dict[str, Any]) -> dict[str, Any]:
+    given = dict(config.get("study", {}))
+    given.pop("device", None)  # documented in gpu.toml; the device itself is a training option
+    unknown = sorted(set(given) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [study] option(s) {unknown}; valid: {', '.join(sorted(STUDY_KEYS))}")
+    settings = {**STUDY_KEYS, **given}
+    if settings["final_eval_batches"] == "all":  # TOML has no null: "all" means the whole validation split
+        settings["final_eval_batches"] = None
+    batches = settings["final_eval_batches"]
+    if batches is not None and not (isinstance(batches, int) and batches >= 1):
+        raise ConfigError(f'[study] final_eval_batches={batches!r}: give a number of batches >= 1, or "all"')
+    windows = settings["energy_windows"]
+    if not (isinstance(windows, int) and windows >= 1):
+        raise ConfigError(f"[study] energy_windows={windows!r}: give a number of validation windows >= 1")
+    return settings
+
+
+def plan(config: dict[str, Any], data: str | None = None) -> list[Variant]:
+    """The variants of a study, each with its validated model and training config."""
+    variants = config.get("variants")
+    if not variants:
+        raise ConfigError("the study defines no variants; add [[variants]] tables with name and preset")
+    base_model = config.get("model", {})
+    base_train = dict(config.get("train", {}))
+    if data:
+        base_train["data"] = data
+    device_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out, seen = [], set()
+    for i, v in enumerate(variants):
+        unknown = sorted(set(v) - VARIANT_KEYS)
+        if unknown:
+            raise ConfigError(f"variant {i + 1}: unknown key(s) {unknown}; valid: {', '.join(sorted(VARIANT_KEYS))}")
+        name = v.get("name") or v.get("preset")
+        if not name or "preset" not in v:
+            raise ConfigError(f"variant {i + 1} needs a preset (ann, spiking-attention, ..., spikedecoder)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name):
+            raise ConfigError(f"variant name {name!r} must be usable as a directory name (letters, digits, -_.+=)")
+        if name in seen:
+            raise ConfigError(f"variant name {name!r} appears twice; names must be unique")
+        seen.add(name)
+        preset = v["preset"]
+        overrides = {**base_model, **config.get("presets", {}).get(preset, {}), **v.get("model", {})}
+        try:
+            model = SpikeDecoderConfig.from_preset(preset, **overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"variant {name!r}: {exc}") from exc
+        train_values = {**base_train, **v.get("train", {})}
+        if "device" in train_values and "device" not in device_fields:
+            if train_values["device"] != "cpu":
+                raise ConfigError(
+                    f"variant {name!r}: train.device={train_values['device']!r}, but this version of train() "
+                    "trains on the CPU only; run the study on the CPU with --set train.device=cpu"
+                )
+            del train_values["device"]
+        try:
+            tcfg = TrainConfig.from_dict(train_values)
+        except ConfigError as exc:
+            raise ConfigError(f"variant {name!r}: {exc}") from exc
+        out.append(Variant(name, v.get("group", preset), preset, v.get("description", ""), model, tcfg))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one variant
+def _checkpoint_step(run_dir: Path) -> int:
+    """Steps the run's checkpoint has reached (0 without one)."""
+    try:
+        ckpt = checkpoint_dir(run_dir)
+        training = (ckpt if ckpt.exists() else ckpt.with_name(f".{ckpt.name}.old")) / "training.json"
+        return int(json.loads(training.read_text()).get("step", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def stored_result(run_dir: Path, variant: Variant) -> dict | None:
+    """The run's result.json, or None; a result from other settings is an error (never silently mixed in)."""
+    path = run_dir / RESULT
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write: measure again
+    changed = _changed(result.get("fingerprint", {}), variant.fingerprint())
+    if changed:
+        raise ConfigError(
+            f"{run_dir} was trained with other settings ({', '.join(changed[:6])} changed); "
+            "use another --out directory, or delete that run to retrain it"
+        )
+    return result
+
+
+def measure(run_dir: Path, variant: Variant, settings: dict[str, Any]) -> dict[str, Any]:
+    """Final validation metrics (whole split unless limited) and the energy report of the trained checkpoint."""
+    from .data import unit_name
+    from .energy import energy_report, validation_windows
+
+    model, tokenizer, meta = load_checkpoint(run_dir)
+    ids = validation_ids(meta, tokenizer)
+    val = evaluate(model, ids, unit_name(tokenizer), variant.train.eval_batch_size, settings["final_eval_batches"])
+    idx = validation_windows(ids, model.config.max_len, settings["energy_windows"])
+    report = energy_report(model, idx, settings["energy_preset"], memory=settings["energy_memory"])
+    report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
+    return {
+        "step": int(meta.get("step", 0)),
+        "train_seconds": float(meta.get("train_seconds", 0.0)),
+        "params": model.num_params(),
+        "val": val,
+        "energy": report,
+    }
+
+
+def energy_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in ("energy_preset", "energy_memory", "energy_windows", "final_eval_batches")}
+
+
+def run_variant(
+    variant: Variant, run_dir: Path, settings: dict[str, Any], data_cache: dict, progress: bool, log=print
+) -> tuple[dict[str, Any], str]:
+    """Train (or resume) and measure one variant; returns (its result, what was done: skipped/measured/trained)."""
+    result = stored_result(run_dir, variant)
+    finished = result is not None and result.get("step") == variant.train.max_steps
+    if finished and result.get("measure") == energy_settings(settings):
+        return result, "skipped"
+    action = "measured"
+    if _checkpoint_step(run_dir) < variant.train.max_steps:
+        key = tuple(
+            getattr(variant.train, k) for k in ("data", "tokenizer", "vocab_size", "unk", "val_frac", "test_frac")
+        )
+        if key not in data_cache:
+            data_cache[key] = prepare_data(variant.train)
+        started = _checkpoint_step(run_dir)
+        log(f"  training {variant.name}" + (f" (resuming at step {started})" if started else ""))
+        train(variant.model, variant.train, run_dir, resume=True, progress=progress, data=data_cache[key])
+        action = "trained"
+    log(f"  measuring {variant.name}")
+    t0 = time.time()
+    measured = measure(run_dir, variant, settings)
+    result = {
+        "name": variant.name,
+        "group": variant.group,
+        "preset": variant.preset,
+        "description": variant.description,
+        "fingerprint": variant.fingerprint(),
+        "measure": energy_settings(settings),
+        "max_steps": variant.train.max_steps,
+        **measured,
+        "measure_seconds": time.time() - t0,
+        "history": read_history(run_dir),
+    }
+    tmp = run_dir / f".{RESULT}.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(run_dir / RESULT)
+    return result, action
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def metric_name(results: list[dict]) -> str:
+    return "bits_per_char" if all("bits_per_char" in r["val"] for r in results) else "perplexity"
+
+
+def summarise(results: list[dict], baseline: str) -> list[dict[str, Any]]:
+    """One flat row per variant, with savings and quality gap against the baseline (when it has been measured)."""
+    from .energy import compare_reports
+
+    metric = metric_name(results)
+    base = next((r for r in results if r["name"] == baseline), None)
+    rows = []
+    for r in results:
+        e, cfg = r["energy"], r["fingerprint"]["model"]
+        row = {
+            "name": r["name"],
+            "group": r["group"],
+            "preset": r["preset"],
+            "finished": r["step"] >= r["max_steps"],
+            "step": r["step"],
+            "max_steps": r["max_steps"],
+            "params": r["params"],
+            "timesteps": cfg["timesteps"],
+            "token_code": cfg["token_code"],
+            "position_code": cfg["position_code"],
+            "residual": cfg["residual"],
+            "norm": cfg["norm"],
+            "val_loss": r["val"]["loss"],
+            f"val_{metric}": r["val"][metric],
+            "val_accuracy": r["val"]["accuracy"],
+            "pj_per_token": e["total_pj_per_token"],
+            "pj_per_token_fanout": e["total_pj_per_token_fanout"],
+            "saving_percent": None,
+            "saving_percent_fanout": None,
+            f"{metric}_gap": None,
+            "mean_firing_rate": e["mean_firing_rate"],
+            "train_seconds": r["train_seconds"],
+        }
+        if base is not None:
+            comparison = compare_reports(e, base["energy"])
+            row["saving_percent"] = comparison["saving_percent"]
+            row["saving_percent_fanout"] = comparison["saving_percent_fanout"]
+            row[f"{metric}_gap"] = r["val"][metric] - base["val"][metric]
+        for place, pj in sorted(e["per_subblock_pj"].items()):
+            row[f"pj_{place}"] = pj
+        rows.append(row)
+    return rows
+
+
+def pareto(rows: list[dict], metric: str) -> list[dict]:
+    """Variants no other one beats on both energy and quality (lower is better for both), by energy."""
+    front, best = [], math.inf
+    for row in sorted(rows, key=lambda r: (r["pj_per_token"], r[f"val_{metric}"])):
+        if row[f"val_{metric}"] < best:
+            front.append(row)
+            best = row[f"val_{metric}"]
+    return front
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _fmt(value: Any, spec: str, empty: str = "–") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], settings: dict[str, Any], baseline: str, command: str, missing: list[str]) -> str:
+    """The results table and the headline findings, as Markdown."""
+    metric = "bits_per_char" if "val_bits_per_char" in rows[0] else "perplexity"
+    label = "bits/char" if metric == "bits_per_char" else "perplexity"
+    base = next((r for r in rows if r["name"] == baseline), None)
+    lines = [
+        "# Study results",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Energy: {settings['energy_preset']} 45 nm prices, memory {'on' if settings['energy_memory'] else 'off'}, "
+        f"counted on {settings['energy_windows']} validation windows of max_len tokens. Quality: the whole "
+        "validation split"
+        + ("" if settings["final_eval_batches"] is None else f" (first {settings['final_eval_batches']} batches)")
+        + ". "
+        f"Savings and gaps are against `{baseline}`.",
+        "",
+        f"| variant | group | params | T | val {label} | gap vs ANN | accuracy | pJ/token | saving vs ANN "
+        "| firing rate | train time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = f"**{r['name']}**" if r["name"] == baseline else r["name"]
+        if not r["finished"]:
+            name += f" (partial: {r['step']}/{r['max_steps']} steps)"
+        lines.append(
+            f"| {name} | {r['group']} | {r['params']:,} | {r['timesteps']} | {r[f'val_{metric}']:.3f} | "
+            f"{_fmt(r[f'{metric}_gap'], '+.3f')} | {r['val_accuracy']:.3f} | {r['pj_per_token']:,.0f} | "
+            f"{_fmt(r['saving_percent'], '.1f')}{'' if r['saving_percent'] is None else ' %'} | "
+            f"{_fmt(r['mean_firing_rate'], '.3f')} | {r['train_seconds']:.0f} s |"
+        )
+    if missing:
+        lines += ["", f"Not yet measured: {', '.join(missing)} (rerun the command to continue)."]
+    lines += ["", "## Findings", ""]
+    front = pareto(rows, metric)
+    lines.append("Pareto frontier (lowest energy first): " + ", ".join(f"`{r['name']}`" for r in front) + ".")
+    if base is not None:
+        spiking = [r for r in rows if r["name"] != baseline and r["mean_firing_rate"] is not None]
+        saving85 = [r for r in spiking if r["saving_percent"] is not None and r["saving_percent"] >= 85.0]
+        if saving85:
+            best = min(saving85, key=lambda r: r[f"val_{metric}"])
+            lines.append(
+                f"{len(saving85)} of {len(spiking)} spiking variants save at least 85 % energy per token; the best "
+                f"of them, `{best['name']}`, saves {best['saving_percent']:.1f} % "
+                f"({best['pj_per_token']:,.0f} vs {base['pj_per_token']:,.0f} pJ/token) at {label} "
+                f"{best[f'val_{metric}']:.3f} vs the ANN's {base[f'val_{metric}']:.3f} "
+                f"(gap {best[f'{metric}_gap']:+.3f})."
+            )
+        else:
+            lines.append("No spiking variant saves 85 % energy per token or more in this study.")
+        if spiking:
+            best = min(spiking, key=lambda r: r[f"val_{metric}"])
+            lines.append(
+                f"The best spiking variant by {label} is `{best['name']}`: {best[f'val_{metric}']:.3f} "
+                f"(gap {best[f'{metric}_gap']:+.3f}), saving {best['saving_percent']:.1f} %."
+            )
+    lines += ["", "![frontier](frontier.png)", "", "![training curves](curves.png)", "",
+              "![firing rates](firing_rates.png)", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _read_train_loss(run_dir: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    path = run_dir / "log.csv"
+    if path.exists():
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["key"] == "train/loss":
+                    steps.append(int(row["step"]))
+                    losses.append(float(row["value"]))
+    return steps, losses
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected so that the first steps are not pulled towards zero."""
+    out, avg = [], 0.0
+    for n, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**n))
+    return out
+
+
+def _lif_order(name: str) -> tuple:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if name.startswith("embed"):
+        return (0, 0)
+    if m:
+        return (1, int(m.group(1)))
+    return (2, 0)
+
+
+def plot_all(rows: list[dict], results: list[dict], runs: Path, out: Path, baseline: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric_name(results)
+    label = "val bits/char" if metric == "bits_per_char" else "val perplexity"
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+
+    # 1. quality vs energy, Pareto frontier, ANN marked
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for g in groups:
+        pts = [r for r in rows if r["group"] == g and r["name"] != baseline]
+        ax.scatter([r["pj_per_token"] for r in pts], [r[f"val_{metric}"] for r in pts], color=colors[g], label=g,
+                   s=40, zorder=3)  # fmt: skip
+    for r in rows:
+        ax.annotate(r["name"], (r["pj_per_token"], r[f"val_{metric}"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")  # fmt: skip
+    front = pareto(rows, metric)
+    ax.step([r["pj_per_token"] for r in front], [r[f"val_{metric}"] for r in front], where="post", color="0.4",
+            lw=1, ls="--", label="Pareto frontier", zorder=2)  # fmt: skip
+    base = next((r for r in rows if r["name"] == baseline), None)
+    if base is not None:
+        ax.scatter([base["pj_per_token"]], [base[f"val_{metric}"]], marker="*", s=250, color="black",
+                   label=f"ANN ({baseline})", zorder=4)  # fmt: skip
+        ax.axvline(0.15 * base["pj_per_token"], color="tab:green", lw=1, ls=":", label="85 % saving vs ANN")
+    ax.set_xscale("log")
+    ax.set_xlabel("energy per token (pJ, log scale)")
+    ax.set_ylabel(label)
+    ax.set_title("quality vs energy per token (lower left is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+
+    # 2. training curves: smoothed training loss and validation metric
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(results):
+        color = "black" if r["name"] == baseline else cmap(i % 20)
+        steps, losses = _read_train_loss(runs / r["name"])
+        if steps:
+            left.plot(steps, _smooth(losses), color=color, lw=1, label=r["name"])
+        hist = [h for h in r["history"] if metric in h]
+        if hist:
+            right.plot([h["step"] for h in hist], [h[metric] for h in hist], marker="o", ms=3, color=color, lw=1,
+                       label=r["name"])  # fmt: skip
+    left.set_xlabel("step")
+    left.set_ylabel("training loss (nats, smoothed)")
+    right.set_xlabel("step")
+    right.set_ylabel(label + " (periodic evaluations)")
+    for a in (left, right):
+        a.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle("training curves")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+    # 3. firing rate per LIF layer (rows: spiking variants)
+    spiking = [r for r in results if r["energy"]["firing_rates"]]
+    fig_h = 1.5 + 0.45 * max(1, len(spiking))
+    if spiking:
+        names = list(dict.fromkeys(n for r in spiking for n in r["energy"]["firing_rates"]))
+        names.sort(key=_lif_order)  # stable: keeps the module order within a block
+        grid = [[r["energy"]["firing_rates"].get(n, math.nan) for n in names] for r in spiking]
+        fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) + 3), fig_h + 1.5))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.3, max(max(
+            (v for v in row if not math.isnan(v)), default=0) for row in grid)))  # fmt: skip
+        for y, row in enumerate(grid):
+            for x, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 0.5 * im.norm.vmax else "black")  # fmt: skip
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(spiking)), [r["name"] for r in spiking], fontsize=8)
+        fig.colorbar(im, ax=ax, label="firing rate")
+        ax.set_title("firing rate per LIF layer on validation text (blank: layer absent)")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no spiking variants measured yet", ha="center", va="center")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "firing_rates.png", dpi=120)
+    plt.close(fig)
+    return list(PLOTS)
+
+
+def aggregate(results: list[dict], out: Path, settings: dict, command: str, missing: list[str]) -> list[dict]:
+    """Write results.csv, results.md and the plots from the measured variants (in the study's order)."""
+    if not results:
+        return []
+    rows = summarise(results, settings["baseline"])
+    write_csv(rows, out / "results.csv")
+    plot_all(rows, results, out / "runs", out, settings["baseline"])
+    (out / "results.md").write_text(markdown(rows, settings, settings["baseline"], command, missing) + "\n")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="study file (see configs/studies/)")
+    p.add_argument("--out", required=True, help="study directory: runs/NAME per variant, results.* and plots")
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: use the study file named by [study] gpu (bigger models, for a lent GPU)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting of every variant, e.g. --set train.max_steps=100")  # fmt: skip
+    p.add_argument("--data", help="UTF-8 text file to train on (default: built-in Shakespeare)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="train only these variants (the tables show all done)")
+    p.add_argument("--aggregate-only", action="store_true", help="train nothing: rewrite the tables and plots")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: [study] threads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default when not a terminal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_study(args.config, args.set, args.scale)
+    settings = study_settings(config)
+    variants = plan(config, args.data)
+    names = [v.name for v in variants]
+    if settings["baseline"] not in names:
+        raise ConfigError(f"[study] baseline={settings['baseline']!r} is not a variant; variants: {', '.join(names)}")
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            raise ConfigError(f"--only {unknown}: no such variant; variants: {', '.join(names)}")
+    threads = args.threads or settings["threads"]
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "study.toml").write_text(Path(config["_path"]).read_text())
+    progress = not args.no_progress and sys.stderr.isatty()
+    command = " ".join(
+        ["spikedecoder study", args.config, "--out", args.out]
+        + (["--scale", args.scale] if args.scale != "cpu" else [])
+        + [f"--set {item}" for item in args.set]
+        + ([f"--data {args.data}"] if args.data else [])
+    )
+    results, missing, data_cache = [], [], {}
+    start = time.time()
+    for i, v in enumerate(variants, 1):
+        run_dir = out / "runs" / v.name
+        if args.aggregate_only or (args.only and v.name not in args.only):
+            r = stored_result(run_dir, v)
+            if r is not None and r.get("measure") == energy_settings(settings):
+                results.append(r)
+            else:
+                missing.append(v.name)
+            continue
+        print(f"[{i}/{len(variants)}] {v.name} ({v.preset}, T={v.model.timesteps}, {v.train.max_steps} steps)",
+              flush=True)  # fmt: skip
+        t0 = time.time()
+        r, action = run_variant(v, run_dir, settings, data_cache, progress, log=lambda s: print(s, flush=True))
+        results.append(r)
+        metric = "bits_per_char" if "bits_per_char" in r["val"] else "perplexity"
+        print(f"  {action} in {time.time() - t0:.0f} s: val {metric} {r['val'][metric]:.3f}, "
+              f"{r['energy']['total_pj_per_token']:,.0f} pJ/token", flush=True)  # fmt: skip
+        aggregate(results, out, settings, command, missing + [w.name for w in variants[i:]])
+    rows = aggregate(results, out, settings, command, missing)
+    print(f"\nstudy done in {time.time() - start:.0f} s; results in {out}/results.md, results.csv and "
+          f"{', '.join(PLOTS)}\n")  # fmt: skip
+    print("\n".join(markdown(rows, settings, settings["baseline"], command, missing).splitlines()[6:]) if rows else "")
+    return 0
