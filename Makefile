@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	# SpikingJelly only for the cross-check tests; --no-deps keeps it from pulling another torch
-	$(PY) -m pip install -q --no-deps 'spikingjelly==2.0.0' || echo 'spikingjelly unavailable: its cross-checks will be skipped'
+	$(PY) -m pip install -q 'loguru>=0.7,<1' && $(PY) -m pip install -q --no-deps 'spikingjelly==2.0.0' || echo 'spikingjelly unavailable: its cross-checks will be skipped'
 	touch $(STAMP)
 
 install: $(STAMP)
