@@ -351,7 +351,8 @@ class _OpCounter(TorchDispatchMode):
             act, fan_out = (y, x.shape[-2]) if x_weight else (x, y.shape[-1])
             place = self._place()
             spikes = is_binary(act)
-            n = _nnz(act) * fan_out
+            nnz = _nnz(act)
+            n = nnz * fan_out
             computed = fanout = n
             self._add(place, "mem", n)  # one weight read per operation (no reuse between tokens)
         else:
@@ -376,6 +377,8 @@ class _OpCounter(TorchDispatchMode):
             "fanout": fanout,
             "dense": dense,
         }
+        if record["weight"]:
+            record["input_nnz"], record["input_size"] = nnz, act.numel()  # density of what drives the weights
         self.products.append(record)
         if self.skip_masked and not record["weight"]:
             self.pending[_ptr(out)] = (record, pairs)
@@ -527,7 +530,13 @@ def energy_report(
     model: nn.Module, idx: Tensor, preset: str | EnergyModel = "fp32", memory: bool = False, fold: bool = True
 ) -> dict[str, Any]:
     """Energy per token of one forward on `idx` (B, S), JSON-ready. With fold (default), BatchNorm/PowerNorm are
-    folded into their Linear first, as at deployment (on a copy; the model is untouched)."""
+    folded into their Linear first, as at deployment (on a copy; the model is untouched).
+
+    Keys: total_pj_per_token (exact counts) and total_pj_per_token_fanout (paper-style AC counts);
+    synaptic_pj_per_token[_fanout] (matrix products only); per_place_pj, per_subblock_pj (summed over blocks),
+    per_block_pj, per_kind_pj (pJ per token); kind_counts (ops in the forward), ops_per_token, counts[place][kind];
+    firing_rates {LIF layer: rate}, mean_firing_rate, input_spike_density {place: ones per Linear input and step};
+    tokens, batch, window; energy_preset, prices_pj, memory, folded_norms, config, unpriced_ops."""
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown energy preset {preset!r}; choose one of {', '.join(PRESETS)}")
     energy = PRESETS[preset] if isinstance(preset, str) else preset
@@ -549,6 +558,11 @@ def energy_report(
     # the paper's scope: only the matrix products (synaptic operations), exact and nnz * fan-out
     synaptic = sum(r["charged"] * prices[r["kind"]] for r in ops.products) / tokens
     synaptic_fanout = sum(r["fanout"] * prices[r["kind"]] for r in ops.products) / tokens
+    density: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in ops.products:
+        if r["weight"] and r["kind"] == "ac":
+            density[r["place"]][0] += r["input_nnz"]
+            density[r["place"]][1] += r["input_size"]
     spikes = sum(s for s, _ in ops.firing.values())
     updates = sum(u for _, u in ops.firing.values())
     config = getattr(model, "config", None)
@@ -566,6 +580,7 @@ def energy_report(
         "synaptic_pj_per_token": synaptic,
         "synaptic_pj_per_token_fanout": synaptic_fanout,
         "per_kind_pj": {k: kinds.get(k, 0) * prices[k] / tokens for k in KINDS},
+        "kind_counts": {k: kinds.get(k, 0) for k in (*KINDS, "ac_fanout")},
         "ops_per_token": {k: kinds.get(k, 0) / tokens for k in (*KINDS, "ac_fanout")},
         "per_block_pj": dict(per_block),
         "per_subblock_pj": dict(per_subblock),
@@ -573,6 +588,8 @@ def energy_report(
         "counts": ops.counts,
         "firing_rates": rates,
         "mean_firing_rate": spikes / updates if updates else None,
+        # fraction of ones in the spikes each Linear receives, per time step (the embedding's included)
+        "input_spike_density": {p: n / size for p, (n, size) in density.items() if size},
         "unpriced_ops": ops.unpriced,
     }
 
@@ -724,6 +741,9 @@ def format_table(result: dict[str, Any]) -> str:
         if r["firing_rates"]:
             lines += ["", f"firing rates ({r.get('label', 'model')}, mean {r['mean_firing_rate']:.3f})"]
             lines += [f"  {name:<34}{rate:>8.3f}" for name, rate in r["firing_rates"].items()]
+        if r["input_spike_density"]:
+            lines += ["", f"spike density at each Linear's input, per step ({r.get('label', 'model')})"]
+            lines += [f"  {name:<34}{d:>8.3f}" for name, d in r["input_spike_density"].items()]
     return "\n".join(lines)
 
 

@@ -265,6 +265,7 @@ def test_energy_prices_and_report():
     for name, energy in PRESETS.items():
         r = energy_report(lin, spikes, name)
         assert r["total_pj_per_token"] == pytest.approx((9 + 6) * energy.ac / 8)
+        assert r["input_spike_density"] == {"model": 3 / 8}
         with_memory = energy_report(lin, spikes, name, memory=True)
         assert with_memory["total_pj_per_token"] == pytest.approx(((9 + 6) * energy.ac + 9 * energy.mem) / 8)
     dense = energy_report(lin, torch.full((2, 4), 0.5), "fp32")
