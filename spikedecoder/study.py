@@ -87,10 +87,10 @@ def load_study(path: str | Path, sets: list[str] | None = None, scale: str = "cp
 
     path = Path(path)
     if scale == "gpu":
-        study = load_config_file(str(path), []).get("study", {})
-        if study.get("gpu"):
-            path = path.parent / study["gpu"]
-        elif "device" not in study:
+        given = load_config_file(str(path), [])
+        if given.get("study", {}).get("gpu"):
+            path = path.parent / given["study"]["gpu"]
+        elif given.get("train", {}).get("device", "cpu") == "cpu":
             raise ConfigError(
                 f'{path} names no GPU study ([study] gpu = "FILE") and is not one itself; '
                 "use configs/studies/gpu.toml or drop --scale gpu"
@@ -102,7 +102,6 @@ def load_study(path: str | Path, sets: list[str] | None = None, scale: str = "cp
 
 def study_settings(config: dict[str, Any]) -> dict[str, Any]:
     given = dict(config.get("study", {}))
-    given.pop("device", None)  # documented in gpu.toml; the device itself is a training option
     unknown = sorted(set(given) - set(STUDY_KEYS))
     if unknown:
         raise ConfigError(f"unknown [study] option(s) {unknown}; valid: {', '.join(sorted(STUDY_KEYS))}")
@@ -195,7 +194,15 @@ def stored_result(run_dir: Path, variant: Variant) -> dict | None:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None  # a torn write: measure again
-    changed = _changed(result.get("fingerprint", {}), variant.fingerprint())
+    old, new = result.get("fingerprint", {}), variant.fingerprint()
+    # a training option added to TrainConfig after the run was trained: the run used its default behaviour
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in set(new.get("train", {})) - set(old.get("train", {})):
+        if new["train"][key] == defaults.get(key, dataclasses.MISSING):
+            del new["train"][key]
+    for key in set(old.get("train", {})) - set(defaults):  # an option TrainConfig no longer has
+        del old["train"][key]
+    changed = _changed(old, new)
     if changed:
         raise ConfigError(
             f"{run_dir} was trained with other settings ({', '.join(changed[:6])} changed); "
@@ -211,7 +218,13 @@ def measure(run_dir: Path, variant: Variant, settings: dict[str, Any]) -> dict[s
 
     model, tokenizer, meta = load_checkpoint(run_dir)
     ids = validation_ids(meta, tokenizer)
+    device = getattr(variant.train, "device", "cpu")  # evaluate where it trained (fp32); count ops on the CPU
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and torch.cuda.is_available():
+        model.to(device)
     val = evaluate(model, ids, unit_name(tokenizer), variant.train.eval_batch_size, settings["final_eval_batches"])
+    model.to("cpu")
     idx = validation_windows(ids, model.config.max_len, settings["energy_windows"])
     report = energy_report(model, idx, settings["energy_preset"], memory=settings["energy_memory"])
     report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
@@ -431,13 +444,17 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+_LIF_STAGES = ("attn.in_lif", "attn.q_lif", "attn.k_lif", "attn.v_lif", "attn.score_lif", "attn.attn_lif",
+               "attn_sum_lif", "mlp.in_lif", "mlp.hidden_lif", "mlp_sum_lif")  # fmt: skip
+
+
 def _lif_order(name: str) -> tuple:
-    m = re.match(r"blocks\.(\d+)\.", name)
-    if name.startswith("embed"):
-        return (0, 0)
+    """Embedding first, then block by block in the order a token flows through it, the head last."""
+    m = re.match(r"blocks\.(\d+)\.(.*)", name)
     if m:
-        return (1, int(m.group(1)))
-    return (2, 0)
+        stage = m.group(2)
+        return (1, int(m.group(1)), _LIF_STAGES.index(stage) if stage in _LIF_STAGES else len(_LIF_STAGES))
+    return (0 if name.startswith("embed") else 2, 0, 0)
 
 
 def plot_all(rows: list[dict], results: list[dict], runs: Path, out: Path, baseline: str) -> list[str]:
@@ -457,8 +474,8 @@ def plot_all(rows: list[dict], results: list[dict], runs: Path, out: Path, basel
         pts = [r for r in rows if r["group"] == g and r["name"] != baseline]
         ax.scatter([r["pj_per_token"] for r in pts], [r[f"val_{metric}"] for r in pts], color=colors[g], label=g,
                    s=40, zorder=3)  # fmt: skip
-    for r in rows:
-        ax.annotate(r["name"], (r["pj_per_token"], r[f"val_{metric}"]), fontsize=7, xytext=(4, 3),
+    for i, r in enumerate(sorted(rows, key=lambda r: r["pj_per_token"])):  # alternate sides: neighbours overlap
+        ax.annotate(r["name"], (r["pj_per_token"], r[f"val_{metric}"]), fontsize=7, xytext=(4, 4 if i % 2 else -10),
                     textcoords="offset points")  # fmt: skip
     front = pareto(rows, metric)
     ax.step([r["pj_per_token"] for r in front], [r[f"val_{metric}"] for r in front], where="post", color="0.4",
@@ -600,7 +617,8 @@ def run(args: argparse.Namespace) -> int:
         metric = "bits_per_char" if "bits_per_char" in r["val"] else "perplexity"
         print(f"  {action} in {time.time() - t0:.0f} s: val {metric} {r['val'][metric]:.3f}, "
               f"{r['energy']['total_pj_per_token']:,.0f} pJ/token", flush=True)  # fmt: skip
-        aggregate(results, out, settings, command, missing + [w.name for w in variants[i:]])
+        if action != "skipped":  # keep the tables current while a long study runs
+            aggregate(results, out, settings, command, missing + [w.name for w in variants[i:]])
     rows = aggregate(results, out, settings, command, missing)
     print(f"\nstudy done in {time.time() - start:.0f} s; results in {out}/results.md, results.csv and "
           f"{', '.join(PLOTS)}\n")  # fmt: skip

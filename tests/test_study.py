@@ -106,6 +106,14 @@ def test_toy_study_writes_results_resumes_and_skips(tmp_path, counted_train):
     with open(out / "results.csv", newline="") as fh:
         assert [row["name"] for row in csv.DictReader(fh)] == ["ann", "spikedecoder-T2"]
 
+    # a run recorded before a training option existed used that option's default: still valid
+    path = out / "runs" / "ann" / "result.json"
+    recorded = json.loads(path.read_text())
+    del recorded["fingerprint"]["train"]["beta1"]  # toy.toml leaves beta1 at its default
+    recorded["fingerprint"]["train"]["retired_option"] = 1
+    path.write_text(json.dumps(recorded))
+    assert study.stored_result(path.parent, variants[0])["name"] == "ann"
+
     # a finished run trained with other settings is never mixed into the tables
     assert main([*args, "--set", "train.lr=0.01"]) == 2
     assert counted_train == ["ann", "spikedecoder-T2"]
