@@ -33,10 +33,15 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(-3, -2).reshape(*lead, s, h * d)
 
 
-def causal_mask(s: int, past: int, device: torch.device, window: int | None = None) -> Tensor:
-    """(S, past+S) boolean: query i (at absolute position past+i) sees keys 0..past+i, or only the last `window`."""
+def causal_mask(s: int, past: int, device: torch.device, window: int | tuple[int, ...] | None = None) -> Tensor:
+    """(S, past+S) boolean: query i (at absolute position past+i) sees keys 0..past+i, or only the last `window`;
+    a window per head gives (H, S, past+S)."""
     mask = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
-    return mask if window is None else mask.triu(past - window + 1)
+    if window is None:
+        return mask
+    if isinstance(window, int):
+        return mask.triu(past - window + 1)
+    return torch.stack([mask.triu(past - w + 1) for w in window])
 
 
 class SpikingSelfAttention(nn.Module):
@@ -53,7 +58,8 @@ class SpikingSelfAttention(nn.Module):
         self.q, self.k, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(3))
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
-        self.window = cfg.attn_window
+        self.window = tuple(cfg.attn_window) if isinstance(cfg.attn_window, list) else cfg.attn_window
+        self.max_window = max(self.window) if isinstance(self.window, tuple) else self.window
         self.score_lif = make_lif(cfg) if self.binary_scores else None
         self.av_norm = make_norm(cfg.norm, e) if cfg.av_norm else None
         self.attn_lif = make_lif(cfg, e)
@@ -90,12 +96,13 @@ class SpikingSelfAttention(nn.Module):
         return y
 
     def _cached_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
-        """Explicit score map over cached keys: for binary scores (degree 2) and for a sliding window, where
-        decoding keeps only the last window-1 keys and values (O(window) per token, still exact)."""
+        """Explicit score map over cached keys: for binary scores (degree 2) and for a sliding window (one for all
+        heads, or one per head), where decoding keeps only the last window-1 keys and values (O(window) per token,
+        still exact)."""
         if state is not None:
             if "k" in state:
                 k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
-            keep = k.shape[-2] if self.window is None else self.window - 1
+            keep = k.shape[-2] if self.window is None else self.max_window - 1
             state["k"], state["v"] = k[..., k.shape[-2] - keep :, :], v[..., v.shape[-2] - keep :, :]
         past = k.shape[-2] - q.shape[-2]
         scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device, self.window)

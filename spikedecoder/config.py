@@ -58,7 +58,7 @@ class SpikeDecoderConfig:
     norm: str = "layer"
     attn_scale: float | str = 0.125
     first_attn_lif: bool = False
-    attn_window: int | None = None  # spiking attention sees only the last W tokens (sliding-window running sum)
+    attn_window: int | list[int] | None = None  # spiking attention sees only the last W tokens (or W per head)
     av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
     # LIF neuron (SPEC section 2)
     tau: float = 2.0
@@ -122,10 +122,16 @@ class SpikeDecoderConfig:
             "combine='sum' adds two trained tables, so it needs token_code learned/float and position_code "
             f"learned; use combine='concat' for token_code={self.token_code!r}, position_code={self.position_code!r}",
         )
+        window = self.attn_window
+        windows = window if isinstance(window, (list, tuple)) else [window] if window is not None else []
         need(
-            self.attn_window is None or (isinstance(self.attn_window, int) and self.attn_window >= 1),
-            f"attn_window must be None (whole context) or an integer >= 1, got {self.attn_window!r}",
+            all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows)
+            and (not isinstance(window, (list, tuple)) or len(window) == self.n_head),
+            f"attn_window must be None (whole context), an integer >= 1, or a list of n_head={self.n_head} such "
+            f"integers (one window per head), got {window!r}",
         )
+        if isinstance(window, tuple):
+            self.attn_window = list(window)
         if isinstance(self.attn_scale, str):
             need(self.attn_scale == "auto", f"attn_scale must be a number or 'auto', got {self.attn_scale!r}")
         else:

@@ -47,23 +47,24 @@ def _model(**overrides) -> SpikeDecoder:
     return SpikeDecoder(cfg).eval()
 
 
-@pytest.mark.parametrize("residual", [0, 2])
-def test_window_limits_how_far_a_token_reaches(residual: int) -> None:
-    model = _model(attn_window=4, residual=residual)
+@pytest.mark.parametrize("residual, window", [(0, 4), (2, 4), (0, [2, 4]), (2, [4, 3])])
+def test_window_limits_how_far_a_token_reaches(residual: int, window) -> None:
+    model = _model(attn_window=window, residual=residual)
     x = torch.randint(0, 20, (2, 40), generator=torch.Generator().manual_seed(1))
     changed = x.clone()
     changed[:, 10] = (changed[:, 10] + 1) % 20
     with torch.no_grad():
         diff = (model(changed) - model(x)).abs().amax(dim=(0, 2))
-    reach = model.config.n_layer * (model.config.attn_window - 1)  # each layer looks back window-1 tokens
+    widest = max(window) if isinstance(window, list) else window
+    reach = model.config.n_layer * (widest - 1)  # each layer looks back (widest window)-1 tokens
     assert torch.all(diff[:10] == 0), "a change must never reach earlier positions"
     assert torch.all(diff[11 + reach :] == 0), "a change must not reach beyond n_layer * (window-1) positions"
     assert diff[10] > 0
 
 
-@pytest.mark.parametrize("residual", [0, 2])
-def test_window_incremental_decoding_is_exact(residual: int) -> None:
-    model = _model(attn_window=5, residual=residual)
+@pytest.mark.parametrize("residual, window", [(0, 5), (2, 5), (0, [2, 5]), (2, [5, 3])])
+def test_window_incremental_decoding_is_exact(residual: int, window) -> None:
+    model = _model(attn_window=window, residual=residual)
     x = torch.randint(0, 20, (2, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), batch_invariant():
         full = model(x)
@@ -75,6 +76,7 @@ def test_window_incremental_decoding_is_exact(residual: int) -> None:
     assert kept == 4, "decoding keeps only window-1 keys, so the cost per token does not grow"
 
 
-def test_window_must_be_positive() -> None:
+@pytest.mark.parametrize("window", [0, [2, 0, 2, 2], [2, 4], True])
+def test_window_must_be_positive_and_one_per_head(window) -> None:
     with pytest.raises(ValueError, match="attn_window"):
-        SpikeDecoderConfig.from_preset("spikedecoder", attn_window=0)
+        SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, attn_window=window)
