@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from .checkpoint import CheckpointError
 from .config import ConfigError, SpikeDecoderConfig
 from .data import DataError
+from .train import TrainingDiverged
 
 EXAMPLES = {
     "train": """examples:
@@ -95,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config_file(args.config, args.set)
     result = train(model_config(config, args.preset), train_config(config, args), args.out, resume=args.resume)
-    print(json.dumps(result["val"], indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same result; print it once
+        print(json.dumps(result["val"], indent=2))
     return 0
 
 
@@ -142,6 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     stop = [s.encode().decode("unicode_escape") for s in args.stop] or None
+    if not prompt:
+        raise ValueError("empty prompt: give --prompt with at least one character, e.g. --prompt 'ROMEO:'")
+    tokenizer.encode(prompt)  # unknown characters fail here, before anything is printed
     sys.stdout.write(prompt)
     generate_text(
         model,
@@ -162,20 +168,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import split_ids, unit_name
-    from .train import evaluate, load_checkpoint, validation_ids
+    from .data import unit_name
+    from .train import evaluate, load_checkpoint, split_ids_for
 
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
-    if args.split == "val":
-        ids = validation_ids(meta, tokenizer)
-    else:
-        from .data import load_text
-
-        train = meta.get("train", {})
-        all_ids = tokenizer.encode(load_text(train.get("data")))
-        import torch
-
-        ids = split_ids(torch.tensor(all_ids), train.get("val_frac", 0.05), train.get("test_frac", 0.05))[2]
+    ids = split_ids_for(meta, tokenizer, args.split)
     metrics = evaluate(model, ids, unit_name(tokenizer), max_batches=args.batches)
     metrics["split"] = args.split
     if args.json:
@@ -297,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -159,13 +159,16 @@ class SpikeDecoder(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SpikeDecoder:
         config, state = load_model_files(directory, map_location)
         model = cls(SpikeDecoderConfig.from_dict(config))
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shapes differ: config.json and the weights disagree
+        expected = model.state_dict()
+        wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        if wrong:  # config.json and the weights disagree: name a few tensors, not all of them
+            shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:3])
             raise ValueError(
-                f"checkpoint {directory} does not match its config ({exc}); it was written by another version "
-                "or is corrupt"
-            ) from exc
+                f"checkpoint {directory} does not match its config: {len(wrong)} tensor(s) have a shape other than "
+                f"config.json implies ({shown}{', ...' if len(wrong) > 3 else ''}); it was written by another "
+                "version or is corrupt"
+            )
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {directory} does not match its config: missing {missing[:5]}, "

@@ -49,11 +49,14 @@ def run(tmp_path_factory, data_file: Path) -> Path:
 
 
 def fails_with(capsys, argv: list[str], *needles: str) -> str:
-    """Run argv, expect exit code 2 and an `error:` line on stderr containing every needle."""
+    """Run argv, expect exit code 2, nothing on stdout, and an `error:` line on stderr containing every needle."""
+    capsys.readouterr()
     code = main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 2, err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert out == "", "a failing command must not print a partial result (e.g. the echoed prompt)"
+    last = [line for line in err.replace("\r", "\n").split("\n") if line.strip()][-1]  # after any progress bar
+    assert last.startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
     return err
@@ -141,6 +144,23 @@ def test_prompt_with_unknown_characters(run: Path, capsys) -> None:
         "2 unknown character(s) not in the tokenizer's vocabulary: 'Z', '~'",
         "use only characters from the training text",
     )
+
+
+def test_nan_loss_exits_2_naming_the_kept_checkpoint(tmp_path: Path, data_file: Path, capsys, monkeypatch) -> None:
+    import spikedecoder.train as train_module
+
+    real = train_module.lm_loss
+    calls: list[int] = []
+
+    def nan_at_step_5(logits, targets):
+        calls.append(1)
+        loss = real(logits, targets)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(train_module, "lm_loss", nan_at_step_5)
+    argv = ["train", "--preset", "ann", *TINY, "--set", "train.checkpoint_interval=2", "--steps", "10"]
+    fails_with(capsys, [*argv, "--data", str(data_file), "--out", str(tmp_path)], "loss became nan at step 5")
+    assert json.loads((tmp_path / "checkpoint" / "training.json").read_text())["step"] == 4
 
 
 def test_empty_prompt(run: Path, capsys) -> None:
