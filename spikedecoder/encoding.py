@@ -140,10 +140,7 @@ class SpikeEmbedding(nn.Module):
         if self.cfg.combine == "sum":
             x = tok + pos
             return self.token.binarise(x) if self.token.binarise is not None else x
-        parts = [
-            c.binarise(v) if c.binarise is not None else v
-            for c, v in ((self.token, tok), (self.position, pos))
-        ]
+        parts = [c.binarise(v) if c.binarise is not None else v for c, v in ((self.token, tok), (self.position, pos))]
         return torch.cat(parts, dim=-1)
 
     def forward(self, idx: Tensor, start_pos: int = 0) -> Tensor:

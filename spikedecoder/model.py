@@ -119,8 +119,7 @@ class SpikeDecoder(nn.Module):
             )
         if idx.dim() != 2:
             raise ValueError(
-                f"expected token ids of shape (B, S), got {tuple(idx.shape)}; "
-                "add a batch dimension with idx[None]"
+                f"expected token ids of shape (B, S), got {tuple(idx.shape)}; add a batch dimension with idx[None]"
             )
         if idx.shape[1] == 0:
             raise ValueError("empty sequence: give at least one token")
