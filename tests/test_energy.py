@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
-from spikedecoder.attention import SoftmaxAttention
+from spikedecoder.attention import SoftmaxAttention, causal_mask
 from spikedecoder.energy import PRESETS, compare_reports, count_ops, energy_report, subblock
 from spikedecoder.layers import LinearNorm, batch_invariant
 from spikedecoder.neurons import LIF
@@ -96,6 +96,22 @@ def test_qk_and_av_on_spikes_count_exact_coincidences_and_fan_out():
     assert full.place("block0.attention.scores")["ac"] == 10  # what the dense product computes
     assert [r["charged"] for r in ops.products] == [6, 6]
     assert [r["computed"] for r in ops.products] == [10, 6]
+
+
+class WindowedCoincidence(nn.Module):
+    """Q K^T under the model's own per-head sliding-window mask (head 0 sees 1 token, head 1 sees 2)."""
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:
+        q, k = qk.unbind(0)  # (H, S, d)
+        return (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], 0, q.device, (1, 2))
+
+
+def test_a_window_per_head_charges_only_the_pairs_each_head_sees():
+    q = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]])
+    k = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0], [1, 1, 0, 1]])
+    # same q_i . k_j table as above; head 0 (j = i): 1 + 2 + 2 = 5; head 1 (j in i-1, i): 1 + (0 + 2) + (0 + 2) = 5
+    ops = count_ops(InBlock("attn", WindowedCoincidence()), torch.stack([q, k]).unsqueeze(1).expand(2, 2, 3, 4))
+    assert ops.place("block0.attention.scores")["ac"] == 10
 
 
 def softmax_attention_ops(s: int, e: int, h: int) -> dict[str, dict[str, int]]:
@@ -216,6 +232,7 @@ VARIANTS = [
     ("spikedecoder", {"residual": 2, "av_norm": True, "head_combine": "concat"}),
     ("spikedecoder", {"token_code": "binary", "position_code": "sinusoidal", "combine": "concat"}),
     ("spikedecoder", {"attn_window": 4}),
+    ("spikedecoder", {"attn_window": [2, 4], "av_norm": True, "combine": "concat"}),
     ("spiking-attention", {"encoding": "rate"}),
 ]
 
