@@ -139,3 +139,22 @@ def test_pareto_front():
         {"name": "d", "pj_per_token": 5.0, "val_bits_per_char": 4.0},
     ]
     assert [r["name"] for r in study.pareto(rows, "bits_per_char")] == ["d", "a", "c"]
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "studies").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_study_file_plans_valid_variants(path: Path):
+    variants = study.plan(study.load_study(path))
+    assert len({v.name for v in variants}) == len(variants) >= 2
+    assert all(v.model.preset == v.preset for v in variants)
+
+
+def test_make_run_config_builds_both_presets():
+    from spikedecoder.cli import load_config_file, model_config
+
+    config = load_config_file(str(CONFIGS / "run.toml"), [])
+    snn, ann = (model_config(config, name) for name in config["compare"]["presets"])
+    assert (snn.preset, ann.preset) == ("spikedecoder", "ann")
+    assert (snn.n_layer, snn.n_embd) == (ann.n_layer, ann.n_embd)  # twins: same depth and width
