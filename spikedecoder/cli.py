@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -97,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config_file(args.config, args.set)
     result = train(model_config(config, args.preset), train_config(config, args), args.out, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same result; print it once
+    if result["rank"] == 0:
         print(json.dumps(result["val"], indent=2))
     return 0
 
@@ -145,17 +144,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     stop = [s.encode().decode("unicode_escape") for s in args.stop] or None
-    if not prompt:
-        raise ValueError("empty prompt: give --prompt with at least one character, e.g. --prompt 'ROMEO:'")
-    tokenizer.encode(prompt)  # unknown characters fail here, before anything is printed
-    sys.stdout.write(prompt)
+    pending = [prompt]  # echoed with the first new text, so a rejected prompt prints nothing
+
+    def stream(piece: str) -> None:
+        sys.stdout.write("".join(pending) + piece)
+        sys.stdout.flush()
+        pending.clear()
+
     generate_text(
         model,
         tokenizer,
         prompt,
         args.tokens,
         stop=stop,
-        stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        stream=stream,
         greedy=args.greedy,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -163,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         incremental=not args.no_cache,
     )
-    sys.stdout.write("\n")
+    sys.stdout.write("".join(pending) + "\n")
     return 0
 
 

@@ -562,7 +562,13 @@ def _train(
     bar.close()
     if not last_eval:
         last_eval = evaluate(model, data.val, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
-    return {"val": last_eval, "step": step, "params": model.num_params(), "train_seconds": meta["train_seconds"]}
+    return {
+        "val": last_eval,
+        "step": step,
+        "params": model.num_params(),
+        "train_seconds": meta["train_seconds"],
+        "rank": rt.rank,  # under torchrun every rank returns the same result; callers report rank 0's
+    }
 
 
 def _resume(

@@ -81,6 +81,7 @@ def two_ranks(tmp_path_factory, text: Path) -> Path:
     proc = torchrun(out, text, STEPS)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
+    assert output.count('"bits_per_char"') == 1, "the final metrics are printed once, by rank 0, not once per rank"
     return out
 
 
