@@ -95,9 +95,10 @@ def lif_forward(x: Tensor, th: Tensor, tau: float, decay_input: bool) -> tuple[T
 
 
 def lif_backward(
-    grad_s: Tensor, h: Tensor, th: Tensor, tau: float, decay_input: bool, kind: str, alpha: float
-) -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. the input current and (unreduced) the threshold, by hand-written BPTT."""
+    grad_s: Tensor, h: Tensor, th: Tensor, tau: float, decay_input: bool, kind: str, alpha: float, want_th: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients w.r.t. the input current and (unreduced, only if want_th) the threshold, by hand-written BPTT.
+    A fixed threshold needs no gradient, and skipping it saves writing a tensor the size of the input."""
     gain = 1.0 / tau if decay_input else 1.0
     grad_v = torch.zeros_like(h[0])
     grad_x, grad_th = [], []
@@ -107,9 +108,10 @@ def lif_backward(
         s = (u >= 0).to(h.dtype)
         grad_h = through_spike + grad_v * (1 - s)
         grad_x.append(grad_h * gain)
-        grad_th.append(-through_spike)
+        if want_th:
+            grad_th.append(-through_spike)
         grad_v = grad_h * (1 - 1 / tau)
-    return torch.stack(grad_x[::-1]), torch.stack(grad_th[::-1])
+    return torch.stack(grad_x[::-1]), torch.stack(grad_th[::-1]) if want_th else None
 
 
 _kernels: dict[str, object] = {}
@@ -147,10 +149,8 @@ class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s):  # type: ignore[override]
         h, th = ctx.saved_tensors
-        grad_x, grad_th = _run("backward", grad_s.contiguous(), h, th.detach(), *ctx.args)
-        if ctx.needs_input_grad[1]:
-            dims = tuple(range(grad_th.dim() - th.dim()))
-            grad_th = grad_th.sum(dims).reshape(th.shape)
-        else:
-            grad_th = None
+        want_th = ctx.needs_input_grad[1]
+        grad_x, grad_th = _run("backward", grad_s.contiguous(), h, th.detach(), *ctx.args, want_th)
+        if want_th:
+            grad_th = grad_th.sum(tuple(range(grad_th.dim() - th.dim()))).reshape(th.shape)
         return grad_x, grad_th, None, None, None, None
