@@ -1,7 +1,12 @@
 """Normalisations over the channel (last) dimension of (T, B, S, C) tensors.
 
-LayerNorm normalises each token (it costs operations at inference). BatchNorm and PowerNorm normalise with statistics
-over T*B*S and, at inference, are a per-channel affine map that folds into the preceding Linear for free.
+LayerNorm normalises each token (it costs operations at inference). BatchNorm and PowerNorm collect statistics over
+T*B*S and, at inference, are a per-channel affine map that folds into the preceding Linear for free.
+
+Causality in training: a batch statistic over every position would let a later token change an earlier position's
+output (a side channel the model can learn to use). So whenever a batch statistic normalises the current batch,
+position s uses only the statistics of positions <= s (prefix moments over T*B*(s+1) samples); the last position
+sees the whole batch, which is also what updates the running estimate used at inference.
 """
 
 from __future__ import annotations
@@ -10,11 +15,35 @@ import torch
 from torch import Tensor, nn
 
 
+def prefix_moments(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and second moment of (x - shift) over every leading axis and positions <= s: two (S, C) tensors for x of
+    shape (..., S, C). Subtracting a constant shift near the mean keeps E[d^2] - E[d]^2 accurate."""
+    d = (x - shift).reshape(-1, x.shape[-2], x.shape[-1])
+    count = torch.arange(1, d.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None] * d.shape[0]
+    return d.sum(0).cumsum(0) / count, (d * d).sum(0).cumsum(0) / count
+
+
 class SeqBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over every leading dimension (T*B*S samples of C channels)."""
+    """BatchNorm1d over every leading dimension of (..., S, C), causal in training: position s is normalised with the
+    mean and variance of positions <= s; the running estimate is updated with the whole batch's (the last prefix)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        if not self.training or x.dim() < 3:
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        shift = x.detach()[..., 0, :].reshape(-1, x.shape[-1]).mean(0)  # position 0's mean: seen by every prefix
+        d_mean, d_sq = prefix_moments(x, shift)
+        var = (d_sq - d_mean * d_mean).clamp_min(0)
+        y = (x - shift - d_mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                n = x.numel() // x.shape[-1]
+                self.running_mean.mul_(1 - m).add_(m * (shift + d_mean[-1]))
+                self.running_var.mul_(1 - m).add_(m * var[-1] * n / max(n - 1, 1))
+        return y
 
     def affine_map(self) -> tuple[Tensor, Tensor]:
         """Eval-mode map y = a * x + c."""
@@ -23,37 +52,39 @@ class SeqBatchNorm(nn.BatchNorm1d):
 
 
 class _PowerNormFn(torch.autograd.Function):
-    """PowerNorm (Shen et al. 2020, Algorithm 1): divide by the running quadratic mean psi_{t-1}; the backward
-    replaces the batch-dependent term by its exponential moving average nu (approximate backpropagation)."""
+    """PowerNorm's normalisation and approximate backward (Shen et al. 2020, Algorithm 1), given 1/psi_{B-1}:
+
+        forward:  xhat = x / psi_{B-1},  y = w * xhat + b
+        backward: dxhat = w * dy;  dx = (dxhat - nu_{B-1} * xhat) / psi_{B-1}
+                  nu_B = nu_{B-1} * (1 - m * Gamma_B) + m * Lambda_B,
+                  Gamma_B = mean(xhat^2), Lambda_B = mean(dxhat * xhat)   (means over the batch, per channel)
+
+    Lambda uses the incoming gradient dxhat, not the corrected one: the decay of nu is applied once."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, psi2, nu, momentum):  # noqa: D401 - autograd signature
-        x2 = x.reshape(-1, x.shape[-1])
-        scale = torch.rsqrt(psi2 + 1e-5)
-        xhat = x2 * scale
-        batch_psi2 = (x2 * x2).mean(0)
-        psi2.mul_(1 - momentum).add_(momentum * batch_psi2)  # running estimate for the next step
+    def forward(ctx, x, weight, bias, scale, nu, momentum):  # noqa: D401 - autograd signature
+        xhat = x * scale
         ctx.save_for_backward(xhat, scale, weight, nu)
         ctx.momentum = momentum
-        return (xhat * weight + bias).reshape(x.shape)
+        return xhat * weight + bias
 
     @staticmethod
     def backward(ctx, grad_out):
         xhat, scale, weight, nu = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        gxhat = g * weight
-        corrected = gxhat - nu * xhat
-        grad_x = (corrected * scale).reshape(grad_out.shape)
+        dims = tuple(range(grad_out.dim() - 1))
+        dxhat = grad_out * weight
+        grad_x = (dxhat - nu * xhat) * scale
         m = ctx.momentum
-        gamma = (xhat * xhat).mean(0)
-        lam = (corrected * xhat).mean(0)
+        gamma = (xhat * xhat).mean(dims)
+        lam = (dxhat * xhat).mean(dims)
         nu.mul_(1 - m * gamma).add_(m * lam)
-        return grad_x, (g * xhat).sum(0), g.sum(0), None, None, None
+        return grad_x, (grad_out * xhat).sum(dims), grad_out.sum(dims), None, None, None
 
 
 class PowerNorm(nn.Module):
-    """Second-moment normalisation with a running estimate used in training too, so a batch's statistics never
-    leak between its samples; the first `warmup` steps use the batch's own second moment to settle psi."""
+    """Second-moment normalisation by the running estimate psi_{B-1}, used in training too, so a batch's statistics
+    never leak between its samples. The first `warmup` steps settle psi with the cumulative average of the batch
+    second moments, this batch's included through its causal prefix moments (position s sees positions <= s)."""
 
     def __init__(self, channels: int, momentum: float = 0.1, warmup: int = 100):
         super().__init__()
@@ -69,14 +100,18 @@ class PowerNorm(nn.Module):
         if not self.training:
             a, c = self.affine_map()
             return x * a + c
-        if int(self.steps) < self.warmup:
-            # cumulative average of batch second moments: a sound psi before the EMA takes over
-            with torch.no_grad():
+        with torch.no_grad():
+            if int(self.steps) < self.warmup:
                 n = int(self.steps) + 1
+                _, moments = prefix_moments(x.detach(), x.new_zeros(()))
+                psi2 = self.running_psi2 * ((n - 1) / n) + moments / n  # (S, C): causal cumulative average
+                self.running_psi2.copy_(psi2[-1])
+            else:
+                psi2 = self.running_psi2.clone()  # psi_{B-1}
                 batch = x.detach().reshape(-1, x.shape[-1]).pow(2).mean(0)
-                self.running_psi2.mul_((n - 1) / n).add_(batch / n)
-        self.steps += 1
-        return _PowerNormFn.apply(x, self.weight, self.bias, self.running_psi2, self.nu, self.momentum)
+                self.running_psi2.mul_(1 - self.momentum).add_(self.momentum * batch)
+            self.steps += 1
+        return _PowerNormFn.apply(x, self.weight, self.bias, torch.rsqrt(psi2 + 1e-5), self.nu, self.momentum)
 
     def affine_map(self) -> tuple[Tensor, Tensor]:
         return self.weight * torch.rsqrt(self.running_psi2 + 1e-5), self.bias

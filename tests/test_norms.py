@@ -1,5 +1,5 @@
-"""Normalisations: BatchNorm over T*B*S, PowerNorm (running quadratic mean, EMA-corrected backward), the eval-mode
-affine maps and their fold into the preceding Linear."""
+"""Normalisations: BatchNorm over T*B*S (causal prefix statistics in training), PowerNorm (running quadratic mean,
+EMA-corrected backward), the eval-mode affine maps and their fold into the preceding Linear."""
 
 from __future__ import annotations
 
@@ -26,16 +26,34 @@ def randomise(norm: nn.Module, seed: int = 1) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- BatchNorm
-def test_batchnorm_normalises_over_every_leading_axis() -> None:
-    bn, ref = SeqBatchNorm(C), nn.BatchNorm1d(C)
+def test_batchnorm_position_s_uses_the_statistics_of_positions_up_to_s() -> None:
+    """Causal in training: position s is BatchNorm1d over the T*B*(s+1) samples of positions <= s; the last position
+    and the running estimate are exactly the ordinary BatchNorm over the whole batch."""
+    bn = SeqBatchNorm(C)
+    randomise(bn)
     x = activations()
     y = bn(x)
     assert y.shape == x.shape
-    torch.testing.assert_close(y, ref(x.reshape(-1, C)).reshape(x.shape))
-    flat = y.reshape(-1, C)
-    torch.testing.assert_close(flat.mean(0), torch.zeros(C), atol=1e-6, rtol=0)
-    torch.testing.assert_close(flat.var(0, unbiased=False), torch.ones(C), atol=1e-3, rtol=0)
+    for s in range(x.shape[2]):
+        ref = nn.BatchNorm1d(C)
+        ref.load_state_dict(bn.state_dict() | {"running_mean": torch.zeros(C), "running_var": torch.ones(C)})
+        expected = ref(x[:, :, : s + 1].reshape(-1, C)).reshape(*x.shape[:2], s + 1, C)[:, :, s]
+        torch.testing.assert_close(y[:, :, s], expected, rtol=1e-5, atol=1e-5)
+    ref = nn.BatchNorm1d(C)
+    ref(x.reshape(-1, C))
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == 1
+    changed = x.clone()
+    changed[:, :, -1] = 50.0
+    torch.testing.assert_close(bn(changed)[:, :, :-1], y[:, :, :-1], rtol=0, atol=0)
+
+
+def test_batchnorm_gradient_does_not_flow_backwards_in_position() -> None:
+    bn = SeqBatchNorm(C)
+    x = activations().requires_grad_()
+    bn(x)[:, :, 2].pow(2).sum().backward()
+    assert x.grad[:, :, 3:].abs().max() == 0 and x.grad[:, :, :3].abs().max() > 0
 
 
 def test_batchnorm_eval_is_its_affine_map() -> None:
@@ -50,14 +68,27 @@ def test_batchnorm_eval_is_its_affine_map() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- PowerNorm
-def test_powernorm_first_warmup_step_uses_the_batch_second_moment() -> None:
-    pn = PowerNorm(C)
-    x = activations()
-    y = pn(x)
-    psi2 = x.reshape(-1, C).pow(2).mean(0)
-    torch.testing.assert_close(pn.running_psi2, psi2)
-    torch.testing.assert_close(y, x * torch.rsqrt(psi2 + 1e-5))
-    assert int(pn.steps) == 1
+def test_powernorm_warmup_is_a_causal_cumulative_average() -> None:
+    """Warm-up: psi^2 at position s is the average of the earlier batches' second moments and this batch's moment
+    over positions <= s; the running estimate becomes the cumulative average over whole batches."""
+    pn = PowerNorm(C, warmup=2)
+    x1, x2 = activations(1), activations(2)
+    y1 = pn(x1)
+    full1 = x1.reshape(-1, C).pow(2).mean(0)
+    torch.testing.assert_close(pn.running_psi2, full1)
+    for s in range(x1.shape[2]):
+        psi2 = x1[:, :, : s + 1].reshape(-1, C).pow(2).mean(0)
+        torch.testing.assert_close(y1[:, :, s], x1[:, :, s] * torch.rsqrt(psi2 + 1e-5))
+    y2 = pn(x2)
+    torch.testing.assert_close(pn.running_psi2, (full1 + x2.reshape(-1, C).pow(2).mean(0)) / 2)
+    psi2 = (full1 + x2[:, :, :1].reshape(-1, C).pow(2).mean(0)) / 2
+    torch.testing.assert_close(y2[:, :, 0], x2[:, :, 0] * torch.rsqrt(psi2 + 1e-5))
+    assert int(pn.steps) == 2
+    changed = x2.clone()
+    changed[:, :, -1] = 50.0
+    pn2 = PowerNorm(C, warmup=2)
+    pn2(x1)
+    torch.testing.assert_close(pn2(changed)[:, :, :-1], y2[:, :, :-1], rtol=0, atol=0)
 
 
 def test_powernorm_after_warmup_normalises_with_the_previous_estimate_only() -> None:
@@ -78,27 +109,38 @@ def test_powernorm_after_warmup_normalises_with_the_previous_estimate_only() -> 
     torch.testing.assert_close(pn(changed)[:, :, :3], y[:, :, :3], rtol=0, atol=0)
 
 
-def test_powernorm_backward_is_the_ema_corrected_gradient() -> None:
-    """grad_x = (g*w - nu*xhat) / psi; nu <- nu*(1 - m*mean(xhat^2)) + m*mean((g*w - nu*xhat)*xhat)."""
-    m = 0.1
+def test_powernorm_backward_follows_the_paper_over_several_steps() -> None:
+    """An independent transcription of Shen et al. (2020), Algorithm 1, one sample per row of X (B x C):
+    forward  X^ = X / psi_{B-1};  Y = gamma X^ + beta;  psi^2_B = (1-m) psi^2_{B-1} + m mean(X^2)
+    backward dL/dX^ = gamma dL/dY;  X~' = dL/dX^ - nu_{B-1} X^;  dL/dX = X~' / psi_{B-1}
+             nu_B = nu_{B-1} (1 - m Gamma_B) + m Lambda_B,  Gamma_B = mean(X^ X^),  Lambda_B = mean(dL/dX^ X^).
+    nu starts at 0, so the old double decay nu(1 - 2 m Gamma) first shows in nu_2 and in dL/dX of step 3."""
+    m, eps = 0.1, 1e-5
     pn = PowerNorm(C, momentum=m, warmup=0)
     randomise(pn)
-    psi2 = torch.linspace(0.5, 2.0, C)
-    nu = torch.linspace(-0.3, 0.3, C)
-    pn.running_psi2.copy_(psi2)
-    pn.nu.copy_(nu)
-    x = activations().requires_grad_()
-    g = activations(seed=9)
-    (pn(x) * g).sum().backward()
-    scale = torch.rsqrt(psi2 + 1e-5)
-    xhat = (x.detach() * scale).reshape(-1, C)
-    g2 = g.reshape(-1, C)
-    corrected = g2 * pn.weight.detach() - nu * xhat
-    torch.testing.assert_close(x.grad, (corrected * scale).reshape(x.shape))
-    torch.testing.assert_close(pn.weight.grad, (g2 * xhat).sum(0))
-    torch.testing.assert_close(pn.bias.grad, g2.sum(0))
-    expected_nu = nu * (1 - m * xhat.pow(2).mean(0)) + m * (corrected * xhat).mean(0)
-    torch.testing.assert_close(pn.nu, expected_nu)
+    gamma_w, beta = pn.weight.detach().clone(), pn.bias.detach().clone()
+    psi2, nu = torch.ones(C), torch.zeros(C)
+    for step in range(3):
+        x = activations(seed=10 + step).requires_grad_()
+        dy = activations(seed=20 + step)
+        pn.zero_grad()
+        y = pn(x)
+        (y * dy).sum().backward()
+        X, G = x.detach().reshape(-1, C), dy.reshape(-1, C)
+        psi = torch.sqrt(psi2 + eps)
+        X_hat = X / psi
+        torch.testing.assert_close(y.detach().reshape(-1, C), gamma_w * X_hat + beta)
+        d_xhat = gamma_w * G
+        X_tilde = d_xhat - nu * X_hat
+        torch.testing.assert_close(x.grad.reshape(-1, C), X_tilde / psi, msg=f"dL/dX at step {step + 1}")
+        torch.testing.assert_close(pn.weight.grad, (G * X_hat).sum(0))
+        torch.testing.assert_close(pn.bias.grad, G.sum(0))
+        Gamma = (X_hat * X_hat).sum(0) / X.shape[0]
+        Lambda = (d_xhat * X_hat).sum(0) / X.shape[0]
+        nu = nu * (1 - m * Gamma) + m * Lambda
+        psi2 = (1 - m) * psi2 + m * (X * X).sum(0) / X.shape[0]
+        torch.testing.assert_close(pn.nu, nu, msg=f"nu after step {step + 1}")
+        torch.testing.assert_close(pn.running_psi2, psi2)
 
 
 def test_powernorm_eval_is_its_affine_map_and_does_not_update() -> None:
