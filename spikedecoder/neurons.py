@@ -115,26 +115,51 @@ def lif_backward(
 
 
 _kernels: dict[str, object] = {}
+_EAGER = {"forward": lif_forward, "backward": lif_backward}
+_fallback_said = False
+
+
+def _fall_back(name: str, reason: str) -> None:
+    """Use the eager kernel for `name` from now on, and say so once per process."""
+    global _fallback_said
+    _kernels[name] = _EAGER[name]
+    if not _fallback_said:
+        _fallback_said = True
+        warnings.warn(f"fused LIF: {reason}; running the eager kernels (same results, slower)", stacklevel=3)
+
+
+def is_compile_error(exc: BaseException) -> bool:
+    """Whether exc says torch.compile cannot build or run the kernel here (tracing, backend, C++ compiler) as opposed
+    to an error the eager kernel would hit too (out of memory, bad input), which must surface."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(e, torch.OutOfMemoryError | MemoryError) for e in chain):
+        return False
+    return isinstance(exc, TorchDynamoException | CppCompileError | InvalidCxxCompiler)
 
 
 def _kernel(name: str):
-    """The compiled version of lif_forward/lif_backward, or the eager one where torch.compile cannot run."""
+    """The compiled version of lif_forward/lif_backward, or the eager one where torch.compile is unavailable."""
     if name not in _kernels:
-        fn = {"forward": lif_forward, "backward": lif_backward}[name]
         try:
-            _kernels[name] = torch.compile(fn, dynamic=True)
-        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
-            warnings.warn(f"torch.compile unavailable ({exc}); fused LIF runs eagerly", stacklevel=2)
-            _kernels[name] = fn
+            _kernels[name] = torch.compile(_EAGER[name], dynamic=True)
+        except RuntimeError as exc:  # torch.compile refuses this Python or platform outright
+            _fall_back(name, f"torch.compile unavailable ({exc})")
     return _kernels[name]
 
 
 def _run(name: str, *args):
     try:
         return _kernel(name)(*args)
-    except Exception as exc:  # pragma: no cover - a compiler failure must not stop training
-        warnings.warn(f"compiled LIF {name} failed ({type(exc).__name__}: {exc}); using the eager kernel", stacklevel=2)
-        _kernels[name] = lif_forward if name == "forward" else lif_backward
+    except Exception as exc:
+        if not is_compile_error(exc):
+            raise
+        _fall_back(name, f"compiling the {name} kernel failed ({type(exc).__name__}: {str(exc)[:200]})")
         return _kernels[name](*args)
 
 

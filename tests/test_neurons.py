@@ -231,3 +231,51 @@ def no_fallback_warning():
         yield
     fallbacks = [str(w.message) for w in records if "LIF" in str(w.message)]
     assert not fallbacks, fallbacks
+
+
+# ---------------------------------------------------------------------------------------------- compile fallback
+def _failing(exc: BaseException):
+    def kernel(*args):
+        raise exc
+
+    return kernel
+
+
+@pytest.mark.parametrize(
+    "exc", [torch.OutOfMemoryError("CUDA out of memory"), ValueError("shape mismatch"), RuntimeError("bad input")]
+)
+def test_fused_lif_does_not_hide_errors_the_eager_kernel_would_hit_too(monkeypatch, exc: BaseException) -> None:
+    """Out of memory or a genuine bug must surface, and must not switch the process to the slow path."""
+    failing = _failing(exc)
+    monkeypatch.setattr(neurons, "_kernels", {"forward": failing, "backward": neurons.lif_backward})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        with pytest.raises(type(exc), match=str(exc)):
+            LIF(backend="fused")(currents((4, 2, 3)))
+    assert neurons._kernels["forward"] is failing
+
+
+def test_fused_lif_falls_back_on_compile_errors_and_says_so_once(monkeypatch) -> None:
+    from torch._dynamo.exc import Unsupported
+    from torch._inductor.exc import CppCompileError
+
+    monkeypatch.setattr(neurons, "_fallback_said", False)
+    monkeypatch.setattr(
+        neurons,
+        "_kernels",
+        {"forward": _failing(Unsupported("graph break")), "backward": _failing(CppCompileError(["cc"], "no cc"))},
+    )
+    x = currents((4, 2, 3)).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        spikes = LIF(backend="fused")(x)
+        spikes.sum().backward()
+        LIF(backend="fused")(x.detach())
+    said = [str(w.message) for w in records if "fused LIF" in str(w.message)]
+    assert len(said) == 1 and "Unsupported" in said[0] and "eager" in said[0], said
+    assert neurons._kernels == {"forward": neurons.lif_forward, "backward": neurons.lif_backward}
+    ref = LIF()(x_ref)
+    ref.sum().backward()
+    assert torch.equal(spikes, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
