@@ -66,7 +66,7 @@ class SpikeDecoderConfig:
     decay_input: bool = True
     surrogate: str = "atan"
     surrogate_alpha: float | None = None
-    learnable_threshold: str = "none"
+    learnable_threshold: str = "none"  # "channel": one per channel (the score map's LIF has none: one per layer)
     lif_backend: str = "loop"
     dropout: float = 0.0
     bias: bool = True
@@ -143,6 +143,57 @@ class SpikeDecoderConfig:
             self.residual == 0 or (self.attention == "spiking" and self.mlp == "spiking"),
             "spiking residual (degree 1/2) needs attention='spiking' and mlp='spiking'",
         )
+        self._reject_ignored_settings(need)
+
+    def _reject_ignored_settings(self, need) -> None:
+        """Settings that would be silently ignored (or do nothing) in this combination: say so instead."""
+        if self.attention == "softmax":
+            for name, off in (("attn_window", None), ("av_norm", False), ("first_attn_lif", False)):
+                value = getattr(self, name)
+                need(
+                    value == off,
+                    f"{name}={value!r} only applies to spiking attention, but attention='softmax' ignores it; "
+                    f"remove {name} (or set it to {off!r}) or use attention='spiking'",
+                )
+        trained = ("learned", "float", "sinusoidal")
+        need(
+            self.code_dim is None
+            or (self.combine == "concat" and {self.token_code, self.position_code} & set(trained)),
+            f"code_dim={self.code_dim} is ignored: "
+            + (
+                "combine='sum' gives both codes the width n_embd; remove code_dim or use combine='concat'"
+                if self.combine == "sum"
+                else f"onehot/binary codes have a fixed width (token_code={self.token_code!r}, position_code="
+                f"{self.position_code!r}); remove code_dim or use a learned/float/sinusoidal code"
+            ),
+        )
+        if self.encoding == "rate" and self.spike_embedding:
+            need(
+                self._code_width() != self.n_embd,
+                f"encoding='rate' does nothing here: token_code={self.token_code!r} already gives {{0,1}} spikes of "
+                f"width n_embd={self.n_embd} straight to the first block, and a Bernoulli draw of 0 or 1 is "
+                "deterministic; use encoding='direct', or token_code='float' (or combine='concat' with a code width "
+                "other than n_embd, which adds a projection) for rate coding",
+            )
+
+    def _code_width(self) -> int:
+        """Width of the embedding's code before any projection (as SpikeEmbedding builds it)."""
+        if self.combine == "sum":
+            return self.n_embd
+        trained = self.code_dim or self.n_embd // 2
+
+        def width(kind: str, n: int, sinusoid: int | None) -> int:
+            if kind == "onehot":
+                return n
+            if kind == "binary":
+                return code_bits(n)
+            if kind == "sinusoidal":
+                from .encoding import unique_sinusoid_width  # the smallest width with unique codes (a search)
+
+                return sinusoid or unique_sinusoid_width(n)
+            return trained
+
+        return width(self.token_code, self.vocab_size, trained) + width(self.position_code, self.max_len, self.code_dim)
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -125,7 +125,8 @@ class SpikeEmbedding(nn.Module):
             active = self._expected_active_bits()
             nn.init.normal_(self.in_proj.weight, std=2.0 / math.sqrt(max(active, 1.0)))
         self.rate = cfg.encoding == "rate"
-        self.emits_spikes = self.in_proj is None and (spiking or self.rate)
+        # rate coding always emits Bernoulli spikes (after the projection, if any): a LIF on them would never fire
+        self.emits_spikes = self.rate or (self.in_proj is None and spiking)
 
     def _expected_active_bits(self) -> float:
         total = 0.0

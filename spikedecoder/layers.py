@@ -69,14 +69,19 @@ class LinearNorm(nn.Module):
 
 
 def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None) -> LIF:
-    """A LIF neuron with the model's neuron settings (one per spiking layer)."""
+    """A LIF neuron with the model's neuron settings (one per spiking layer). A LIF without a channel axis (the
+    score map of degree-2 attention, whose last axis is the key position) learns one threshold per layer where the
+    config asks for one per channel."""
+    threshold = cfg.learnable_threshold
+    if threshold == "channel" and channels is None:
+        threshold = "layer"
     return LIF(
         tau=cfg.tau,
         v_threshold=cfg.v_threshold,
         decay_input=cfg.decay_input,
         surrogate=cfg.surrogate,
         alpha=cfg.surrogate_alpha,
-        learnable_threshold=cfg.learnable_threshold,
+        learnable_threshold=threshold,
         channels=channels,
         backend=cfg.lif_backend,
     )

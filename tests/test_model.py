@@ -162,6 +162,7 @@ def test_degree_2_makes_every_matmul_input_binary() -> None:
         ),
         ("spikedecoder", dict(norm="batch")),
         ("spiking-attention", dict()),
+        ("spikedecoder", dict(token_code="binary", position_code="binary", combine="concat", encoding="rate")),
     ],
 )
 def test_first_block_receives_and_emits_spikes(preset: str, overrides: dict) -> None:

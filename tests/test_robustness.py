@@ -43,7 +43,8 @@ PARAGRAPH = (
     "Ships came home slowly, one by one, and the water was calm and grey.\n"
 )
 TEXT = PARAGRAPH * 20
-MODEL = dict(n_layer=1, n_head=2, n_embd=16, max_len=16, encoding="rate")  # rate coding draws from the global RNG
+MODEL = dict(n_layer=1, n_head=2, n_embd=16, max_len=16, encoding="rate", token_code="float")  # rate coding draws
+# from the global RNG (on float codes: on binary ones a Bernoulli draw would be deterministic)
 TRAIN = dict(
     batch_size=4,
     max_steps=9,

@@ -80,7 +80,7 @@ def test_each_preset_learns(tmp_path: Path, data: TokenData, preset: str) -> Non
 # ---------------------------------------------------------------------------------------------- resume and divergence
 def test_resume_continues_exactly(tmp_path: Path, data: TokenData, monkeypatch) -> None:
     """6 steps in one go == 3 steps, an interruption, then --resume to 6 (weights, optimizer and RNG restored)."""
-    cfg = tiny(n_embd=16, max_len=16, encoding="rate")  # rate coding draws from the global RNG too
+    cfg = tiny(n_embd=16, max_len=16, encoding="rate", token_code="float")  # rate coding draws from the global RNG
     tcfg = quick(batch_size=4, max_steps=6, warmup_steps=2, checkpoint_interval=3, eval_batches=1)
     train(cfg, tcfg, tmp_path / "straight", progress=False, data=data)
 

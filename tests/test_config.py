@@ -1,0 +1,73 @@
+"""Configuration validation: combinations that would crash later or be silently ignored are refused at construction,
+with a message naming the field and the fix; the combinations that are meaningful still pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikedecoder.config import ConfigError, SpikeDecoderConfig
+from spikedecoder.model import SpikeDecoder
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, max_len=8, vocab_size=11)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        ("ann", dict(attn_window=2), r"attn_window=2 only applies to spiking attention.*remove attn_window"),
+        ("spiking-attention", dict(attention="softmax", av_norm=True), r"av_norm=True only applies to spiking"),
+        ("ann", dict(first_attn_lif=True), r"first_attn_lif=True .*attention='softmax' ignores it"),
+        ("spikedecoder", dict(code_dim=8), r"code_dim=8 is ignored: combine='sum'.*use combine='concat'"),
+        (
+            "spikedecoder",
+            dict(combine="concat", token_code="onehot", position_code="binary", code_dim=8),
+            r"code_dim=8 is ignored: onehot/binary codes have a fixed width",
+        ),
+        ("spikedecoder", dict(encoding="rate"), r"encoding='rate' does nothing here: token_code='learned'"),
+        (
+            "spikedecoder",
+            dict(encoding="rate", combine="concat", code_dim=8),  # 8 + 8 = n_embd: no projection
+            r"encoding='rate' does nothing here.*use encoding='direct'",
+        ),
+    ],
+)
+def test_ignored_or_no_op_settings_are_refused(preset: str, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SpikeDecoderConfig.from_preset(preset, **TINY, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(attn_window=2, av_norm=True, first_attn_lif=True),  # spiking attention uses all three
+        dict(combine="concat", code_dim=6),  # learned codes of width 6
+        dict(combine="concat", token_code="onehot", position_code="sinusoidal", code_dim=16),
+        dict(encoding="rate", token_code="float"),  # sigmoid of a float current: a real Bernoulli draw
+        dict(encoding="rate", combine="concat", code_dim=6),  # width 12 != 16: a projection, then Bernoulli
+        dict(encoding="rate", combine="concat", token_code="binary", position_code="binary"),
+    ],
+)
+def test_meaningful_combinations_still_validate(overrides: dict) -> None:
+    SpikeDecoderConfig.from_preset("spikedecoder", **TINY, **overrides)
+
+
+def test_rate_coding_accepted_by_validate_really_draws() -> None:
+    """The rule matches the model: where validate lets rate coding through, the T steps differ."""
+    cfg = SpikeDecoderConfig.from_preset("spikedecoder", **TINY, timesteps=8, encoding="rate", token_code="float")
+    torch.manual_seed(0)
+    spikes = SpikeDecoder(cfg).embed(torch.randint(0, 11, (2, 8)))
+    assert not all(torch.equal(spikes[t], spikes[0]) for t in range(8))
+
+
+def test_degree_2_residual_with_a_threshold_per_channel_builds_and_learns() -> None:
+    """The score map has no channel axis: its LIF learns one threshold, every other LIF one per channel."""
+    cfg = SpikeDecoderConfig.from_preset("spikedecoder", **TINY, residual=2, learnable_threshold="channel")
+    torch.manual_seed(0)
+    model = SpikeDecoder(cfg)
+    attn = model.blocks[0].attn
+    assert attn.score_lif.v_threshold.shape == () and attn.q_lif.v_threshold.shape == (16,)
+    logits = model(torch.randint(0, 11, (3, 8)))
+    logits.logsumexp(-1).sum().backward()
+    assert attn.q_lif.v_threshold.grad.abs().sum() > 0
+    assert attn.score_lif.v_threshold.grad is not None and torch.isfinite(attn.score_lif.v_threshold.grad)
