@@ -3,6 +3,8 @@ BatchNorm/PowerNorm fold, the fused LIF backend in a model, and clear errors for
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,6 +229,38 @@ def test_changing_a_future_token_never_changes_earlier_logits(preset: str, overr
             assert not torch.equal(out[:, j], base[:, j]), "the change must reach its own position"
             if j == 0:  # and, through attention, later positions: the model mixes tokens, so the check has teeth
                 assert not torch.equal(out[:, 1:], base[:, 1:]), "no token reaches another: attention is silent"
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch", "power", "none"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_training_mode_is_causal_for_every_norm(preset: str, norm: str) -> None:
+    """Batch statistics (BatchNorm, PowerNorm's warm-up) must not carry a later token into an earlier position while
+    training, or the model learns a side channel that inference lacks. Each call starts from the same state, since a
+    training forward updates the running statistics (PowerNorm normalises with them after its warm-up)."""
+    model = make_model(preset, norm=norm, **({} if preset == "ann" else MIXING)).train()
+    if preset != "ann":
+        kinds = {"batch": SeqBatchNorm, "power": PowerNorm, "layer": torch.nn.LayerNorm}
+        assert norm == "none" or any(isinstance(m, kinds[norm]) for m in model.blocks.modules()), "norm not applied"
+    idx = tokens()
+    for phase in ("warm-up", "running estimate") if norm == "power" else ("batch statistics",):
+        if phase == "running estimate":
+            for m in model.modules():
+                if isinstance(m, PowerNorm):
+                    m.steps.fill_(m.warmup)
+        state = copy.deepcopy(model.state_dict())
+
+        def run(ids: torch.Tensor, state: dict = state) -> torch.Tensor:
+            model.load_state_dict(state)
+            with torch.no_grad():
+                return model(ids)
+
+        base = run(idx)
+        for j in (L // 2, L - 1):
+            changed = idx.clone()
+            changed[:, j] = (changed[:, j] + 1 + torch.arange(3)) % V
+            out = run(changed)
+            torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6, msg=f"{phase}, token {j}")
+            assert not torch.equal(out[:, j], base[:, j]), "the change must reach its own position"
 
 
 def test_spiking_causal_logits_are_exact() -> None:
