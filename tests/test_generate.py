@@ -109,9 +109,7 @@ MODES = [("spikedecoder", residual, norm) for residual in (0, 1, 2) for norm in 
 OTHER_PRESETS = [("spiking-attention", 0, "layer"), ("spiking-attention-mlp", 0, "layer")]
 
 
-@pytest.mark.parametrize(
-    "preset, residual, norm", MODES + [pytest.param(*mode, marks=pytest.mark.slow) for mode in OTHER_PRESETS]
-)
+@pytest.mark.parametrize("preset, residual, norm", MODES + OTHER_PRESETS)
 def test_incremental_is_exactly_the_full_recompute(preset: str, residual: int, norm: str) -> None:
     """100 greedy tokens with the cache: each step's logits are bitwise those of the full window's forward (row i
     of a causal forward over seq is the recompute of seq[:i+1]), and greedy decoding of those logits is the output."""
@@ -131,7 +129,7 @@ def test_incremental_is_exactly_the_full_recompute(preset: str, residual: int, n
 
 @pytest.mark.parametrize(
     "preset, residual, norm",
-    [MODES[0]] + [pytest.param(*mode, marks=pytest.mark.slow) for mode in MODES[1:] + OTHER_PRESETS],
+    [MODES[0], *OTHER_PRESETS] + [pytest.param(*mode, marks=pytest.mark.slow) for mode in MODES[1:]],
 )
 def test_generation_equals_the_per_step_recompute(preset: str, residual: int, norm: str) -> None:
     """The literal reference (incremental=False: one forward of the window per token) gives the same 100 greedy
