@@ -95,17 +95,24 @@ def test_every_code_kind_is_unique_for_several_sizes() -> None:
         for kind in ("onehot", "binary", "sinusoidal"):
             codes = code_table(kind, n, None)
             rows.append((kind, "table", n, codes.shape[1], count_unique(codes)))
-    for vocab, max_len in ((2, 3), (20, 24), (65, 128)):
+    # toy sizes, the default model (65 chars, 128 positions), make run (n_embd 128, 64 positions; 71 chars in
+    # its corpus with the test split's characters)
+    for vocab, max_len, width in ((2, 3, 64), (20, 24, 64), (65, 128, 64), (65, 64, 128), (71, 64, 128)):
         for token, position in itertools.product(
             ("onehot", "binary", "learned"), ("onehot", "binary", "sinusoidal", "learned")
         ):
             emb = embedding(
-                vocab_size=vocab, max_len=max_len, token_code=token, position_code=position, combine="concat"
+                vocab_size=vocab,
+                max_len=max_len,
+                n_embd=width,
+                token_code=token,
+                position_code=position,
+                combine="concat",
             )
             pairs = all_pairs(emb)
             rows.append((f"{token}+{position}", "concat", vocab * max_len, emb.code_width, count_unique(pairs)))
         for token in ("learned", "float"):
-            emb = embedding(vocab_size=vocab, max_len=max_len, token_code=token, position_code="learned")
+            emb = embedding(vocab_size=vocab, max_len=max_len, n_embd=width, token_code=token, position_code="learned")
             pairs = all_pairs(emb)
             rows.append((f"{token}+learned", "sum", vocab * max_len, emb.code_width, count_unique(pairs)))
     print("\ncode uniqueness (distinct / entries):")
@@ -113,6 +120,37 @@ def test_every_code_kind_is_unique_for_several_sizes() -> None:
         print(f"  {kind:<22} {how:<6} width {width:>5}  {distinct:>6} / {n}")
     failures = [row for row in rows if row[4] != row[2]]
     assert not failures, failures
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_learned_codes_stay_distinct_after_training_steps(combine: str) -> None:
+    """Nothing forces binarised learned codes apart: check they still are after real updates (make run's sizes and
+    learning rate, 25 AdamW steps of the language-model loss), once the updates have flipped bits."""
+    from spikedecoder.model import SpikeDecoder
+
+    cfg = SpikeDecoderConfig.from_preset(
+        "spikedecoder", vocab_size=65, max_len=64, n_layer=1, n_head=4, n_embd=128, timesteps=1, combine=combine
+    )
+    torch.manual_seed(0)
+    model = SpikeDecoder(cfg).train()
+    before = all_pairs(model.embed).clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        idx = torch.randint(0, 65, (4, 65), generator=g)
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 65), idx[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = all_pairs(model.embed)
+    flipped = int((after != before).sum())
+    assert flipped > 100, f"only {flipped} bits moved: the check would prove nothing"
+    assert set(after.unique().tolist()) == {0.0, 1.0}
+    assert count_unique(after) == 65 * 64, "two (token, position) pairs share a code after training"
+    if combine == "concat":
+        width = model.embed.token.width
+        assert count_unique(after[::64, :width]) == 65 and count_unique(after[:64, width:]) == 64
 
 
 @pytest.mark.parametrize("kind", ["onehot", "binary", "sinusoidal", "learned"])
