@@ -103,7 +103,8 @@ class PowerNorm(nn.Module):
         with torch.no_grad():
             if int(self.steps) < self.warmup:
                 n = int(self.steps) + 1
-                _, moments = prefix_moments(x.detach(), x.new_zeros(()))
+                positions = x.detach() if x.dim() >= 3 else x.detach()[:, None]  # a 2-D batch is one position
+                _, moments = prefix_moments(positions, x.new_zeros(()))
                 psi2 = self.running_psi2 * ((n - 1) / n) + moments / n  # (S, C): causal cumulative average
                 self.running_psi2.copy_(psi2[-1])
             else:

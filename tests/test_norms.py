@@ -91,6 +91,13 @@ def test_powernorm_warmup_is_a_causal_cumulative_average() -> None:
     torch.testing.assert_close(pn2(changed)[:, :, :-1], y2[:, :, :-1], rtol=0, atol=0)
 
 
+def test_norms_on_a_2d_batch_use_the_whole_batch() -> None:
+    """(N, C) input has no position axis: BatchNorm is BatchNorm1d and PowerNorm's warm-up uses the batch moment."""
+    x = activations().reshape(-1, C)
+    torch.testing.assert_close(SeqBatchNorm(C)(x), nn.BatchNorm1d(C)(x))
+    torch.testing.assert_close(PowerNorm(C)(x), x * torch.rsqrt(x.pow(2).mean(0) + 1e-5))
+
+
 def test_powernorm_after_warmup_normalises_with_the_previous_estimate_only() -> None:
     """No batch statistic enters its own output: samples of a batch cannot see each other (causal in training)."""
     pn = PowerNorm(C, momentum=0.2, warmup=0)
