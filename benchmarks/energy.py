@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from spikedecoder.energy import PRESETS, compare_reports, energy_report, plot_reports, validation_windows
-from spikedecoder.train import load_checkpoint, read_history, validation_ids
+from spikedecoder.rundir import load_checkpoint, read_history, validation_ids
 
 
 def measure(path: str, baseline: str, windows: int) -> list[str]:

@@ -37,7 +37,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
-from spikedecoder.train import Runtime, lm_loss, param_groups
+from spikedecoder.optim import lm_loss, param_groups
+from spikedecoder.runtime import Runtime
 
 ZERO_GRAD = "benchmark.zero_grad"
 

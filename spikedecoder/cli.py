@@ -12,7 +12,7 @@ from typing import Any
 from .checkpoint import CheckpointError
 from .config import ConfigError, SpikeDecoderConfig
 from .data import DataError
-from .train import TrainingDiverged
+from .optim import TrainingDiverged
 
 EXAMPLES = {
     "train": """examples:
@@ -103,7 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .generate import generate_text
-    from .train import load_checkpoint, prepare_data, train
+    from .rundir import load_checkpoint
+    from .train import prepare_data, train
 
     config = load_config_file(args.config, args.set)
     tcfg = train_config(config, args)
@@ -139,7 +140,7 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_text
-    from .train import load_checkpoint
+    from .rundir import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
@@ -171,7 +172,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import unit_name
-    from .train import evaluate, load_checkpoint, split_ids_for
+    from .rundir import load_checkpoint, split_ids_for
+    from .runtime import evaluate
 
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
     ids = split_ids_for(meta, tokenizer, args.split)
@@ -189,7 +191,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .model import SpikeDecoder
 
     if args.checkpoint:
-        from .train import load_checkpoint
+        from .rundir import load_checkpoint
 
         model, _, meta = load_checkpoint(args.checkpoint)
     else:

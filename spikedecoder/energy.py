@@ -662,7 +662,7 @@ def _baseline_model(config, name: str) -> nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import load_checkpoint, validation_ids
+    from .rundir import load_checkpoint, validation_ids
 
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
     ids = validation_ids(meta, tokenizer)

@@ -35,16 +35,9 @@ from typing import Any
 import torch
 
 from .config import ConfigError, SpikeDecoderConfig
-from .train import (
-    TrainConfig,
-    checkpoint_dir,
-    evaluate,
-    load_checkpoint,
-    prepare_data,
-    read_history,
-    train,
-    validation_ids,
-)
+from .rundir import checkpoint_dir, load_checkpoint, read_history, validation_ids
+from .runtime import evaluate
+from .train import TrainConfig, prepare_data, train
 
 RESULT = "result.json"
 STUDY_KEYS = {

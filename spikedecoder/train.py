@@ -1,5 +1,5 @@
-"""Training: AdamW with warmup + cosine decay, gradient clipping, evaluation on the whole validation split,
-atomic safetensors checkpoints with everything needed to resume exactly (optimizer, step, RNG states).
+"""The training loop: AdamW with warmup + cosine decay (optim.py), gradient clipping, evaluation on the whole
+validation split (runtime.py), atomic checkpoints with everything needed to resume exactly (rundir.py).
 
 A run directory holds `checkpoint/` (the latest good state) and `log.csv`. A NaN/inf loss (or gradient) stops training
 with a message and leaves the last good checkpoint untouched; a failed checkpoint write (disk full) stops it too, with
@@ -16,11 +16,8 @@ under bf16 autocast unless precision='fp32'.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -29,33 +26,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    CheckpointError,
-    atomic_directory,
-    load_tensors,
-    previous_path,
-    read_json,
-    resolve,
-    save_tensors,
-    write_json,
-)
+from .checkpoint import CheckpointError
 from .config import ConfigError, SpikeDecoderConfig
-from .data import (
-    TokenData,
-    _encode_tensor,
-    eval_batches,
-    get_batch,
-    load_text,
-    split_ids,
-    tokenizer_from_dict,
-    unit_name,
-)
+from .data import TokenData, get_batch, load_text, unit_name
 from .model import SpikeDecoder
+from .optim import TrainingDiverged, grad_norm, learning_rate, lm_loss, param_groups
+from .rundir import Logger, has_checkpoint, rank_key, restore_training_state, rng_state, save_checkpoint
+from .runtime import Runtime, evaluate, setup_runtime
 
 
 @dataclass
@@ -116,279 +97,7 @@ class TrainConfig:
         return cls(**values)
 
 
-# ---------------------------------------------------------------------------------------------- optimisation
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices of Linear layers: never norms, biases, embeddings or thresholds."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.dim() < 2 or "threshold" in name or ".table." in name or "norm" in name or ".ln." in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-# ---------------------------------------------------------------------------------------------- where to run
-@dataclass
-class Runtime:
-    """Where this process trains: its device, its mixed precision, and its place in a torchrun job."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False  # this process initialised the process group (and so ends it)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sum of `values` over the ranks (the values themselves in a single process)."""
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible to torch; use train.device='cpu'")
-    return device
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Read torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): join the process group (NCCL on GPU, gloo on
-    CPU) and bind each rank to its GPU; a plain process trains alone on cfg.device."""
-    device = _pick_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    joined = dist.is_available() and dist.is_initialized()
-    rank, owns = 0, False
-    if world > 1 or joined:
-        if not dist.is_available():
-            raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed; launch one process")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not joined:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            owns = True
-        rank, world = dist.get_rank(), dist.get_world_size()
-    elif device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    amp = {"bf16": torch.bfloat16, "fp32": None, "auto": torch.bfloat16 if device.type == "cuda" else None}
-    return Runtime(device, amp[cfg.precision], rank, world, owns)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: SpikeDecoder,
-    ids: Tensor,
-    unit: str = "char",
-    batch_size: int = 64,
-    max_batches: int | None = None,
-    runtime: Runtime | None = None,
-) -> dict[str, float]:
-    """Loss, bits per char (char) or perplexity (tokens), and next-token accuracy over the whole split.
-
-    With a distributed runtime, rank r takes batches r, r + world, ... and the sums are added over the ranks."""
-    rt = runtime or Runtime(next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for i, (x, y) in enumerate(eval_batches(ids, model.config.max_len, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        if i % rt.world != rt.rank:
-            continue
-        x, y = x.to(rt.device), y.to(rt.device)
-        with rt.autocast():
-            logits = model(x)
-        logits = logits.float()
-        total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-    model.train(was_training)
-    if rt.world > 1:
-        total_loss, correct, count = rt.all_sum([total_loss, correct, count])
-        correct, count = int(correct), int(count)
-    loss = total_loss / max(count, 1)
-    metrics = {"loss": loss, "accuracy": correct / max(count, 1), "tokens": count}
-    if unit == "char":
-        metrics["bits_per_char"] = loss / math.log(2)
-    else:
-        metrics["perplexity"] = math.exp(min(loss, 50.0))
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    state = opt.state_dict()
-    tensors = {}
-    for pid, values in state["state"].items():
-        for key, value in values.items():
-            tensors[f"{pid}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: dict) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
-def _rng_state(device: torch.device) -> dict[str, Tensor]:
-    """This process's global random states (dropout, rate coding)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _rank_key(key: str, rank: int) -> str:
-    return key if rank == 0 else f"{key}.rank{rank}"
-
-
-def save_checkpoint(
-    run_dir: Path,
-    model: SpikeDecoder,
-    tokenizer,
-    meta: dict,
-    opt=None,
-    gen=None,
-    rng: dict[str, Tensor] | None = None,
-) -> Path:
-    """Write run_dir/checkpoint atomically: weights, config, tokenizer, training state.
-
-    `rng` holds the random states to keep (default: this process's); the batch generator's is added as "batches"."""
-    tensors, groups = _optimizer_tensors(opt) if opt is not None else ({}, {})
-    rng = dict(rng) if rng is not None else _rng_state(next(model.parameters()).device)
-    if gen is not None:
-        rng["batches"] = gen.get_state()
-
-    def write(tmp: Path) -> None:
-        write_json(tmp / "config.json", model.config.to_dict())
-        save_tensors(tmp / "model.safetensors", model.state_dict())
-        write_json(tmp / "tokenizer.json", tokenizer.to_dict())
-        write_json(tmp / "training.json", {**meta, **groups})
-        if opt is not None:
-            save_tensors(tmp / "optimizer.safetensors", tensors)
-        save_tensors(tmp / "rng.safetensors", rng)
-
-    return atomic_directory(run_dir / "checkpoint", write)
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """Accept a run directory or its checkpoint/ directory."""
-    path = Path(path)
-    return path / "checkpoint" if has_checkpoint(path) else path
-
-
-def has_checkpoint(run_dir: str | Path) -> bool:
-    """Whether run_dir holds a checkpoint (also one whose final swap a crash interrupted)."""
-    target = Path(run_dir) / "checkpoint"
-    return target.exists() or previous_path(target).exists()
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[SpikeDecoder, Any, dict]:
-    """(model in eval mode, tokenizer, training metadata) from a run or checkpoint directory."""
-    ckpt = resolve(checkpoint_dir(path))
-    model = SpikeDecoder.from_pretrained(ckpt, map_location)
-    tok_path = ckpt / "tokenizer.json"
-    tokenizer = tokenizer_from_dict(read_json(tok_path)) if tok_path.exists() else None
-    if tokenizer is None:
-        raise CheckpointError(f"{tok_path} is missing; save models with spikedecoder train to keep the tokenizer")
-    meta = read_json(ckpt / "training.json") if (ckpt / "training.json").exists() else {}
-    return model, tokenizer, meta
-
-
-SPLITS = ("train", "val", "test")
-
-
-def split_ids_for(meta: dict, tokenizer, split: str) -> Tensor:
-    """The train, val or test ids of the text a checkpoint was trained on (same file, same fractions)."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
-    train = meta.get("train", {})
-    ids = _encode_tensor(tokenizer, load_text(train.get("data")))
-    parts = split_ids(ids, train.get("val_frac", 0.05), train.get("test_frac", 0.05))
-    return parts[SPLITS.index(split)]
-
-
-def validation_ids(meta: dict, tokenizer) -> Tensor:
-    """The validation split of the text a checkpoint was trained on (same file, same fractions)."""
-    return split_ids_for(meta, tokenizer, "val")
-
-
-# ---------------------------------------------------------------------------------------------- logging
-class Logger:
-    def __init__(self, run_dir: Path, kind: str):
-        self.kind, self.path, self.writer = kind, run_dir / "log.csv", None
-        if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ConfigError("log='tensorboard' needs `pip install tensorboard`; or use log='csv'") from exc
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def truncate(self, step: int) -> None:
-        """Forget rows after `step`: a resumed run redoes them (and a fresh run, step 0, starts a new log)."""
-        if not self.path.exists():
-            return
-        with open(self.path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        keep = [rows[0]] + [r for r in rows[1:] if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step]
-        if len(keep) == len(rows):
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            csv.writer(fh).writerows(keep if step > 0 else keep[:1])
-        os.replace(tmp, self.path)
-
-    def __call__(self, step: int, values: dict[str, float]) -> None:
-        if self.kind == "none":
-            return
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as fh:
-            w = csv.writer(fh)
-            if new:
-                w.writerow(["step", "key", "value"])
-            for key, value in values.items():
-                w.writerow([step, key, f"{value:.6g}"])
-
-
 # ---------------------------------------------------------------------------------------------- the loop
-class TrainingDiverged(RuntimeError):
-    """The loss (or the gradient) became NaN or infinite; the last good checkpoint is kept."""
-
-
 def prepare_data(cfg: TrainConfig) -> TokenData:
     return TokenData.from_text(
         load_text(cfg.data),
@@ -408,14 +117,6 @@ def rank_batch(ids: Tensor, batch_size: int, block_size: int, gen: torch.Generat
         rows = slice(rt.rank * batch_size, (rt.rank + 1) * batch_size)
         x, y = x[rows], y[rows]
     return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-
-
-def _grad_norm(model: torch.nn.Module, clip: float) -> Tensor:
-    """Total gradient norm, clipped to `clip` when clip > 0 (after DDP's all-reduce: the same on every rank)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def train(
@@ -461,7 +162,7 @@ def _train(
     meta: dict[str, Any] = {"train": dataclasses.asdict(cfg), "step": 0, "history": [], "train_seconds": 0.0}
     last_saved: int | None = None
     if resume and has_checkpoint(run_dir):
-        start_meta = _resume(run_dir, model, opt, gen, rt)
+        start_meta = restore_training_state(run_dir, model, opt, gen, rt.device, rt.rank)
         meta.update({k: start_meta[k] for k in ("step", "history", "train_seconds") if k in start_meta})
         last_saved = meta["step"]
     step = meta["step"]
@@ -492,11 +193,11 @@ def _train(
     def checkpoint() -> None:
         nonlocal last_saved
         meta.update(step=step, train_seconds=base_seconds + time.time() - start, params=model.num_params())
-        rng = _rng_state(rt.device)
+        rng = rng_state(rt.device)
         if rt.world > 1:
             states: list[dict[str, Tensor]] = [{} for _ in range(rt.world)]
             dist.all_gather_object(states, {k: v.cpu() for k, v in rng.items()})
-            rng = {_rank_key(k, r): v for r, state in enumerate(states) for k, v in state.items()}
+            rng = {rank_key(k, r): v for r, state in enumerate(states) for k, v in state.items()}
         error: Exception | None = None
         if rt.main:
             try:
@@ -533,11 +234,11 @@ def _train(
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = _grad_norm(model, cfg.grad_clip).item()
-        if not math.isfinite(grad_norm):
+        gnorm = grad_norm(model, cfg.grad_clip).item()
+        if not math.isfinite(gnorm):
             bar.close()
             raise TrainingDiverged(
-                f"gradient norm became {grad_norm} at step {step} (loss {loss_value:.4g}); {kept()}. "
+                f"gradient norm became {gnorm} at step {step} (loss {loss_value:.4g}); {kept()}. "
                 "Lower lr or raise warmup_steps, then resume with --resume."
             )
         opt.step()
@@ -569,34 +270,3 @@ def _train(
         "train_seconds": meta["train_seconds"],
         "rank": rt.rank,  # under torchrun every rank returns the same result; callers report rank 0's
     }
-
-
-def _resume(
-    run_dir: Path, model: SpikeDecoder, opt: torch.optim.Optimizer, gen: torch.Generator, rt: Runtime | None = None
-) -> dict:
-    rt = rt or Runtime(next(model.parameters()).device)
-    ckpt = resolve(run_dir / "checkpoint")
-    saved_cfg = read_json(ckpt / "config.json")
-    if saved_cfg != model.config.to_dict():
-        raise CheckpointError(
-            f"{ckpt} was trained with a different model config; use a new --out directory or the same config"
-        )
-    missing, unexpected = model.load_state_dict(load_tensors(ckpt / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    meta = read_json(ckpt / "training.json")
-    _restore_optimizer(opt, load_tensors(ckpt / "optimizer.safetensors"), meta)
-    rng = load_tensors(ckpt / "rng.safetensors")
-    # each rank's own random state (a run resumed with another world size reseeds the ranks it has no state for)
-    if _rank_key("torch", rt.rank) in rng:
-        torch.set_rng_state(rng[_rank_key("torch", rt.rank)])
-    if rt.device.type == "cuda" and _rank_key("cuda", rt.rank) in rng:
-        torch.cuda.set_rng_state(rng[_rank_key("cuda", rt.rank)], rt.device)
-    if "batches" in rng:
-        gen.set_state(rng["batches"])
-    return meta
-
-
-def read_history(run_dir: str | Path) -> list[dict]:
-    """Validation history recorded in a run's checkpoint (for plots and studies)."""
-    return read_json(resolve(checkpoint_dir(run_dir)) / "training.json").get("history", [])

@@ -18,7 +18,9 @@ import torch
 from spikedecoder import ConfigError, SpikeDecoderConfig
 from spikedecoder.checkpoint import load_tensors
 from spikedecoder.data import TokenData
-from spikedecoder.train import Runtime, TrainConfig, evaluate, rank_batch, read_history, setup_runtime, train
+from spikedecoder.rundir import read_history
+from spikedecoder.runtime import Runtime, evaluate, setup_runtime
+from spikedecoder.train import TrainConfig, rank_batch, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAGRAPH = (

@@ -383,7 +383,7 @@ def test_report_sums_and_comparison():
 def test_cli_energy_table_json_and_plot(tmp_path, capsys):
     from spikedecoder.cli import main
     from spikedecoder.data import CharTokenizer
-    from spikedecoder.train import save_checkpoint
+    from spikedecoder.rundir import save_checkpoint
 
     text = "to be, or not to be: that is the question. whether tis nobler in the mind to suffer\n" * 40
     (tmp_path / "text.txt").write_text(text)

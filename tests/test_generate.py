@@ -13,7 +13,7 @@ from spikedecoder.data import CharTokenizer
 from spikedecoder.generate import _Detokenizer, generate_ids, generate_text, sample_next
 from spikedecoder.layers import batch_invariant
 from spikedecoder.norms import PowerNorm, SeqBatchNorm
-from spikedecoder.train import save_checkpoint
+from spikedecoder.rundir import save_checkpoint
 
 V = 20
 TOKENIZER = CharTokenizer.from_text("abcdefghij klmnop\n:!")  # one token per character, V of them

@@ -24,18 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import spikedecoder.rundir as rundir_module
 import spikedecoder.train as train_module
 from spikedecoder import SpikeDecoderConfig
 from spikedecoder.checkpoint import CheckpointError, atomic_directory, load_tensors, previous_path
 from spikedecoder.data import TokenData
-from spikedecoder.train import (
-    TrainConfig,
-    TrainingDiverged,
-    load_checkpoint,
-    split_ids_for,
-    train,
-    validation_ids,
-)
+from spikedecoder.optim import TrainingDiverged
+from spikedecoder.rundir import load_checkpoint, split_ids_for, validation_ids
+from spikedecoder.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAGRAPH = (
@@ -62,6 +58,7 @@ CHILD = textwrap.dedent(
     """
     import errno, os, pathlib, resource, signal, sys
     import torch
+    import spikedecoder.rundir as R
     import spikedecoder.train as T
     from spikedecoder import SpikeDecoderConfig
     from spikedecoder.data import TokenData
@@ -84,7 +81,7 @@ CHILD = textwrap.dedent(
             return real_loss(logits, targets)
         T.lm_loss = lm_loss
     elif mode == "in-write":  # SIGKILL half way through model.safetensors of the second checkpoint (step 6)
-        real_save = T.save_tensors
+        real_save = R.save_tensors
         def save_tensors(path, tensors):
             calls["save"] += 1
             if path.name == "model.safetensors" and calls["save"] > 3:
@@ -93,7 +90,7 @@ CHILD = textwrap.dedent(
                 path.write_bytes(data[: len(data) // 2])
                 die()
             return real_save(path, tensors)
-        T.save_tensors = save_tensors
+        R.save_tensors = save_tensors
     elif mode == "between-renames":  # SIGKILL after checkpoint -> .checkpoint.old, before tmp -> checkpoint
         real_rename = pathlib.Path.rename
         def rename(self, target):
@@ -261,13 +258,13 @@ def test_disk_full_stops_training_with_advice(tmp_path, data, monkeypatch) -> No
     tcfg = TrainConfig(**(TRAIN | dict(max_steps=6)))
     train(model_cfg(), TrainConfig(**(TRAIN | dict(max_steps=3))), run_dir, progress=False, data=data)
     before = {p.name: p.read_bytes() for p in (run_dir / "checkpoint").iterdir()}
-    real_save = train_module.save_tensors
+    real_save = rundir_module.save_tensors
 
     def no_space(path: Path, tensors: dict) -> None:
         real_save(path, tensors)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(train_module, "save_tensors", no_space)
+    monkeypatch.setattr(rundir_module, "save_tensors", no_space)
     with pytest.raises(CheckpointError, match=r"could not write the checkpoint of step 6 .*No space left on device"):
         train(model_cfg(), tcfg, run_dir, resume=True, progress=False, data=data)
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoint").iterdir()} == before

@@ -15,7 +15,8 @@ import pytest
 import spikedecoder.study as study
 from spikedecoder.cli import main
 from spikedecoder.energy import compare_reports
-from spikedecoder.train import read_history, train
+from spikedecoder.rundir import read_history
+from spikedecoder.train import train
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "toy.toml"
 TEXT = (

@@ -14,16 +14,10 @@ from spikedecoder import ConfigError, SpikeDecoderConfig
 from spikedecoder.checkpoint import CheckpointError, load_tensors
 from spikedecoder.data import TokenData
 from spikedecoder.model import SpikeDecoder
-from spikedecoder.train import (
-    TrainConfig,
-    TrainingDiverged,
-    evaluate,
-    learning_rate,
-    load_checkpoint,
-    param_groups,
-    read_history,
-    train,
-)
+from spikedecoder.optim import TrainingDiverged, learning_rate, param_groups
+from spikedecoder.rundir import load_checkpoint, read_history
+from spikedecoder.runtime import evaluate
+from spikedecoder.train import TrainConfig, train
 
 PARAGRAPH = (
     "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "

@@ -1,0 +1,209 @@
+"""A run directory on disk: its checkpoint (weights, config, tokenizer, optimizer and random states, written
+atomically), its log, and the splits of the text it was trained on.
+
+Everything that reads a trained run (generation, evaluation, energy, studies, benchmarks) imports this module, never
+the training loop. A run directory holds `checkpoint/` (the latest good state) and `log.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    load_tensors,
+    previous_path,
+    read_json,
+    resolve,
+    save_tensors,
+    write_json,
+)
+from .config import ConfigError
+from .data import _encode_tensor, load_text, split_ids, tokenizer_from_dict
+from .model import SpikeDecoder
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    state = opt.state_dict()
+    tensors = {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{pid}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: dict) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """This process's global random states (dropout, rate coding)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def rank_key(key: str, rank: int) -> str:
+    return key if rank == 0 else f"{key}.rank{rank}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: SpikeDecoder,
+    tokenizer,
+    meta: dict,
+    opt=None,
+    gen=None,
+    rng: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write run_dir/checkpoint atomically: weights, config, tokenizer, training state.
+
+    `rng` holds the random states to keep (default: this process's); the batch generator's is added as "batches"."""
+    tensors, groups = _optimizer_tensors(opt) if opt is not None else ({}, {})
+    rng = dict(rng) if rng is not None else rng_state(next(model.parameters()).device)
+    if gen is not None:
+        rng["batches"] = gen.get_state()
+
+    def write(tmp: Path) -> None:
+        write_json(tmp / "config.json", model.config.to_dict())
+        save_tensors(tmp / "model.safetensors", model.state_dict())
+        write_json(tmp / "tokenizer.json", tokenizer.to_dict())
+        write_json(tmp / "training.json", {**meta, **groups})
+        if opt is not None:
+            save_tensors(tmp / "optimizer.safetensors", tensors)
+        save_tensors(tmp / "rng.safetensors", rng)
+
+    return atomic_directory(run_dir / "checkpoint", write)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accept a run directory or its checkpoint/ directory."""
+    path = Path(path)
+    return path / "checkpoint" if has_checkpoint(path) else path
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether run_dir holds a checkpoint (also one whose final swap a crash interrupted)."""
+    target = Path(run_dir) / "checkpoint"
+    return target.exists() or previous_path(target).exists()
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[SpikeDecoder, Any, dict]:
+    """(model in eval mode, tokenizer, training metadata) from a run or checkpoint directory."""
+    ckpt = resolve(checkpoint_dir(path))
+    model = SpikeDecoder.from_pretrained(ckpt, map_location)
+    tok_path = ckpt / "tokenizer.json"
+    tokenizer = tokenizer_from_dict(read_json(tok_path)) if tok_path.exists() else None
+    if tokenizer is None:
+        raise CheckpointError(f"{tok_path} is missing; save models with spikedecoder train to keep the tokenizer")
+    meta = read_json(ckpt / "training.json") if (ckpt / "training.json").exists() else {}
+    return model, tokenizer, meta
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_ids_for(meta: dict, tokenizer, split: str) -> Tensor:
+    """The train, val or test ids of the text a checkpoint was trained on (same file, same fractions)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    train = meta.get("train", {})
+    ids = _encode_tensor(tokenizer, load_text(train.get("data")))
+    parts = split_ids(ids, train.get("val_frac", 0.05), train.get("test_frac", 0.05))
+    return parts[SPLITS.index(split)]
+
+
+def validation_ids(meta: dict, tokenizer) -> Tensor:
+    """The validation split of the text a checkpoint was trained on (same file, same fractions)."""
+    return split_ids_for(meta, tokenizer, "val")
+
+
+def restore_training_state(
+    run_dir: Path,
+    model: SpikeDecoder,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    device: torch.device | None = None,
+    rank: int = 0,
+) -> dict:
+    """Load weights, optimizer, this rank's random states and the batch generator's from run_dir's checkpoint;
+    returns the training metadata."""
+    device = device or next(model.parameters()).device
+    ckpt = resolve(run_dir / "checkpoint")
+    saved_cfg = read_json(ckpt / "config.json")
+    if saved_cfg != model.config.to_dict():
+        raise CheckpointError(
+            f"{ckpt} was trained with a different model config; use a new --out directory or the same config"
+        )
+    missing, unexpected = model.load_state_dict(load_tensors(ckpt / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    meta = read_json(ckpt / "training.json")
+    _restore_optimizer(opt, load_tensors(ckpt / "optimizer.safetensors"), meta)
+    rng = load_tensors(ckpt / "rng.safetensors")
+    # each rank's own random state (a run resumed with another world size reseeds the ranks it has no state for)
+    if rank_key("torch", rank) in rng:
+        torch.set_rng_state(rng[rank_key("torch", rank)])
+    if device.type == "cuda" and rank_key("cuda", rank) in rng:
+        torch.cuda.set_rng_state(rng[rank_key("cuda", rank)], device)
+    if "batches" in rng:
+        gen.set_state(rng["batches"])
+    return meta
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """Validation history recorded in a run's checkpoint (for plots and studies)."""
+    return read_json(resolve(checkpoint_dir(run_dir)) / "training.json").get("history", [])
+
+
+# ---------------------------------------------------------------------------------------------- logging
+class Logger:
+    def __init__(self, run_dir: Path, kind: str):
+        self.kind, self.path, self.writer = kind, run_dir / "log.csv", None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ConfigError("log='tensorboard' needs `pip install tensorboard`; or use log='csv'") from exc
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Forget rows after `step`: a resumed run redoes them (and a fresh run, step 0, starts a new log)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        keep = [rows[0]] + [r for r in rows[1:] if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step]
+        if len(keep) == len(rows):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(keep if step > 0 else keep[:1])
+        os.replace(tmp, self.path)
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        if self.kind == "none":
+            return
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                w.writerow(["step", "key", "value"])
+            for key, value in values.items():
+                w.writerow([step, key, f"{value:.6g}"])
