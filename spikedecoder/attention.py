@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SpikeDecoderConfig
+from .energy.places import energy_scope
 from .layers import Linear, LinearNorm, make_lif
 from .norms import LayerNorm, make_norm
 
@@ -47,7 +48,11 @@ def causal_mask(s: int, past: int, device: torch.device, window: int | tuple[int
 class SpikingSelfAttention(nn.Module):
     """x -> LIF (unless x is already spikes) -> Q, K, V = LIF(Norm(Linear(x))) -> scale * causal(Q K^T) V
     -> LIF -> Linear -> Norm. With `binary_scores` (spiking residual degree 2) the score map is itself passed
-    through a LIF, so A V multiplies two binary operands; decoding then keeps K and V instead of the running sum."""
+    through a LIF, so A V multiplies two binary operands; decoding then keeps K and V instead of the running sum.
+
+    Energy places (energy/places.py): Q K^T and its mask are `scores`, A V and the scaling `values`."""
+
+    energy_group = "attention"
 
     def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool, output_lif: bool = False):
         super().__init__()
@@ -56,6 +61,7 @@ class SpikingSelfAttention(nn.Module):
         self.scale = cfg.scale
         self.in_lif = None if input_spikes else make_lif(cfg, e)
         self.q, self.k, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(3))
+        self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
         self.window = tuple(cfg.attn_window) if isinstance(cfg.attn_window, list) else cfg.attn_window
@@ -64,6 +70,7 @@ class SpikingSelfAttention(nn.Module):
         self.av_norm = make_norm(cfg.norm, e) if cfg.av_norm else None
         self.attn_lif = make_lif(cfg, e)
         self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
+        self.proj.energy_place = "proj"
         self.out_lif = make_lif(cfg, e) if output_lif else None
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
@@ -76,7 +83,8 @@ class SpikingSelfAttention(nn.Module):
             y = self._cached_scores(q, k, v, state)
         else:
             y = self._running_sum(q, k, v, state)
-        y = merge_heads(y) * self.scale
+        with energy_scope("values"):
+            y = merge_heads(y) * self.scale
         if self.av_norm is not None:
             y = self.av_norm(y)
         y = self.attn_lif(y)
@@ -85,14 +93,16 @@ class SpikingSelfAttention(nn.Module):
 
     def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         s = q.shape[-2]
-        scores = (q @ k.transpose(-1, -2)) * causal_mask(s, 0, q.device)  # coincidence counts, future zeroed
-        y = scores @ v
-        if state is not None:
-            past = state.get("kv")
-            if past is not None:
-                y = y + q @ past
-            chunk = k.transpose(-1, -2) @ v
-            state["kv"] = chunk if past is None else past + chunk
+        with energy_scope("scores"):
+            scores = (q @ k.transpose(-1, -2)) * causal_mask(s, 0, q.device)  # coincidence counts, future zeroed
+        with energy_scope("values"):
+            y = scores @ v
+            if state is not None:
+                past = state.get("kv")
+                if past is not None:
+                    y = y + q @ past
+                chunk = k.transpose(-1, -2) @ v
+                state["kv"] = chunk if past is None else past + chunk
         return y
 
     def _cached_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
@@ -105,14 +115,19 @@ class SpikingSelfAttention(nn.Module):
             keep = k.shape[-2] if self.window is None else self.max_window - 1
             state["k"], state["v"] = k[..., k.shape[-2] - keep :, :], v[..., v.shape[-2] - keep :, :]
         past = k.shape[-2] - q.shape[-2]
-        scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device, self.window)
-        if self.binary_scores:
-            return self.score_lif(scores * self.scale) @ v
-        return scores @ v
+        with energy_scope("scores"):
+            scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device, self.window)
+            if self.binary_scores:
+                scores = self.score_lif(scores * self.scale)
+        with energy_scope("values"):
+            return scores @ v
 
 
 class SoftmaxAttention(nn.Module):
-    """The ANN's pre-LayerNorm causal softmax attention with 1/sqrt(d_h) scaling; decoding keeps a KV cache."""
+    """The ANN's pre-LayerNorm causal softmax attention with 1/sqrt(d_h) scaling; decoding keeps a KV cache.
+    The fused kernel's two products are charged to `scores` and `values` by the energy counter."""
+
+    energy_group = "attention"
 
     def __init__(self, cfg: SpikeDecoderConfig):
         super().__init__()
@@ -121,6 +136,7 @@ class SoftmaxAttention(nn.Module):
         self.ln = LayerNorm(e)
         self.qkv = Linear(e, 3 * e, bias=cfg.bias)
         self.proj = Linear(e, e, bias=cfg.bias)
+        self.qkv.energy_place, self.proj.energy_place = "qkv", "proj"
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:

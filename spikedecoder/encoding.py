@@ -105,6 +105,8 @@ class SpikeEmbedding(nn.Module):
     LIF: with tau=2, v_th=1 a constant binary input never fires, SPEC section 2).
     """
 
+    energy_group, energy_sealed = "embedding", True  # every op below, its LIFs included, is charged to `embedding`
+
     def __init__(self, cfg: SpikeDecoderConfig):
         super().__init__()
         self.cfg = cfg

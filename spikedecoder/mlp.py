@@ -13,6 +13,8 @@ from .norms import LayerNorm
 class SpikingMLP(nn.Module):
     """LIF (unless x is already spikes) -> Linear(E, rE) -> Norm -> LIF -> Linear(rE, E) -> Norm."""
 
+    energy_group, energy_own = "mlp", "act"
+
     def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.n_embd
@@ -20,6 +22,7 @@ class SpikingMLP(nn.Module):
         self.fc1 = LinearNorm(cfg.n_embd, hidden, cfg.norm, cfg.bias)
         self.hidden_lif = make_lif(cfg, hidden)
         self.fc2 = LinearNorm(hidden, cfg.n_embd, cfg.norm, cfg.bias)
+        self.fc1.energy_place, self.fc2.energy_place = "fc1", "fc2"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.in_lif is not None:
@@ -30,12 +33,15 @@ class SpikingMLP(nn.Module):
 class GeluMLP(nn.Module):
     """The ANN's pre-LayerNorm MLP."""
 
+    energy_group, energy_own = "mlp", "act"  # the GELU is `act`
+
     def __init__(self, cfg: SpikeDecoderConfig):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.n_embd
         self.ln = LayerNorm(cfg.n_embd)
         self.fc1 = Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.fc2 = Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc1.energy_place, self.fc2.energy_place = "fc1", "fc2"
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:

@@ -23,8 +23,11 @@ from .norms import LayerNorm
 class Block(nn.Module):
     """x + attn(x), then + mlp(x); with a spiking residual (degree >= 1) a LIF follows each sum."""
 
+    energy_own = "residual"  # the sums and their LIFs; energy_group (block{index}) is set per instance
+
     def __init__(self, cfg: SpikeDecoderConfig, index: int, input_spikes: bool):
         super().__init__()
+        self.energy_group = f"block{index}"
         spike_stream = cfg.residual >= 1
         if cfg.attention == "spiking":
             self.attn = SpikingSelfAttention(cfg, input_spikes, output_lif=cfg.first_attn_lif and index == 0)
@@ -33,6 +36,9 @@ class Block(nn.Module):
         self.attn_sum_lif = make_lif(cfg, cfg.n_embd) if spike_stream else None
         self.mlp = SpikingMLP(cfg, input_spikes=spike_stream) if cfg.mlp == "spiking" else GeluMLP(cfg)
         self.mlp_sum_lif = make_lif(cfg, cfg.n_embd) if spike_stream else None
+        for lif in (self.attn_sum_lif, self.mlp_sum_lif):
+            if lif is not None:
+                lif.energy_place = "residual"
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         x = x + self.attn(x, state)
@@ -47,6 +53,8 @@ class Block(nn.Module):
 class Head(nn.Module):
     """Combine the T steps and project to the vocabulary. On spikes the projection runs per step (accumulates
     only), then the step logits are combined; on floats the steps are combined first (one dense projection)."""
+
+    energy_group = "head"
 
     def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool):
         super().__init__()

@@ -27,6 +27,8 @@ class SeqBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d over every leading dimension of (..., S, C), causal in training: position s is normalised with the
     mean and variance of positions <= s; the running estimate is updated with the whole batch's (the last prefix)."""
 
+    energy_place = "norms"
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or x.dim() < 3:
             return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
@@ -86,6 +88,8 @@ class PowerNorm(nn.Module):
     never leak between its samples. The first `warmup` steps settle psi with the cumulative average of the batch
     second moments, this batch's included through its causal prefix moments (position s sees positions <= s)."""
 
+    energy_place = "norms"
+
     def __init__(self, channels: int, momentum: float = 0.1, warmup: int = 100):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
@@ -119,7 +123,9 @@ class PowerNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """Per-token LayerNorm (kept as a class of ours so the energy counter can name it)."""
+    """Per-token LayerNorm (a class of ours so that it declares its energy place)."""
+
+    energy_place = "norms"
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:

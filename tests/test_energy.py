@@ -12,7 +12,7 @@ from torch import nn
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
 from spikedecoder.attention import SoftmaxAttention, causal_mask
-from spikedecoder.energy import PRESETS, compare_reports, count_ops, energy_report, subblock
+from spikedecoder.energy import PRESETS, compare_reports, count_ops, energy_report, energy_scope, subblock
 from spikedecoder.layers import LinearNorm, batch_invariant
 from spikedecoder.neurons import LIF
 
@@ -37,11 +37,14 @@ def ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
 
 
 class InBlock(nn.Module):
-    """Puts a module at blocks.0.<name>, where the counter names places the way it does in SpikeDecoder."""
+    """Puts a module in block 0 as attention or MLP, declaring the places SpikeDecoder's own modules declare."""
 
     def __init__(self, name: str, module: nn.Module):
         super().__init__()
+        self.energy_group, self.energy_own = "block0", "residual"  # as a Block (whose forward this one stands for)
         block = nn.Module()
+        if getattr(module, "energy_group", None) is None:
+            module.energy_group = {"attn": "attention", "mlp": "mlp"}[name]
         block.add_module(name, module)
         self.blocks = nn.ModuleList([block])
         self.name = name
@@ -74,8 +77,10 @@ class CoincidenceAttention(nn.Module):
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.unbind(0)
         s = q.shape[-2]
-        scores = (q @ k.transpose(-1, -2)) * torch.ones(s, s, dtype=torch.bool).tril()
-        return scores @ v
+        with energy_scope("scores"):
+            scores = (q @ k.transpose(-1, -2)) * torch.ones(s, s, dtype=torch.bool).tril()
+        with energy_scope("values"):
+            return scores @ v
 
 
 def test_qk_and_av_on_spikes_count_exact_coincidences_and_fan_out():
@@ -103,7 +108,8 @@ class WindowedCoincidence(nn.Module):
 
     def forward(self, qk: torch.Tensor) -> torch.Tensor:
         q, k = qk.unbind(0)  # (H, S, d)
-        return (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], 0, q.device, (1, 2))
+        with energy_scope("scores"):
+            return (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], 0, q.device, (1, 2))
 
 
 def test_a_window_per_head_charges_only_the_pairs_each_head_sees():
@@ -251,6 +257,41 @@ def test_every_operation_is_priced_and_placed(preset, overrides):
     spiking = preset != "ann"
     assert (ops.total("ac") > 0) == spiking
     assert (ops.total("lif") > 0) == spiking
+
+
+class Decay(nn.Module):
+    """A new op inside attention (as an attention-state decay would be): it declares its place, nothing else.
+    A factor of 1 keeps every spike after it unchanged, so only its own multiplies are new."""
+
+    energy_place = "decay"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+class Wrapper(nn.Module):
+    """The same model under other module names (net.blocks.0.attn...): names must not decide the places."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+
+def test_places_come_from_declarations_not_from_module_names():
+    model = tiny()
+    plain = count_ops(model, ids())
+    assert count_ops(Wrapper(model), ids()).counts == plain.counts
+    # a new module inside attention, under a name the counter has never seen, is charged where it declares
+    block = model.blocks[0].attn
+    block.attn_lif = nn.Sequential(Decay(), block.attn_lif)
+    ops = count_ops(model, ids())
+    t, (b, s), e = model.config.timesteps, ids().shape, model.config.n_embd
+    assert ops.place("block0.attention.decay") == {"mul": t * b * s * e}
+    assert ops.place("block0.attention.lif") == plain.place("block0.attention.lif")
+    assert {p: k for p, k in ops.counts.items() if p != "block0.attention.decay"} == plain.counts
 
 
 def test_counts_do_not_depend_on_batch_invariant_mode():

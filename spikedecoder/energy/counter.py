@@ -1,8 +1,9 @@
-"""Measured energy per token (SPEC section 7): every arithmetic operation of one forward pass, counted from the
-tensors actually seen, sorted by kind and by place, then priced with 45 nm energy presets.
+"""The counting engine of the energy measure (SPEC section 7): every arithmetic operation of one forward pass,
+counted from the tensors actually seen, sorted by kind and by place (pricing.py turns counts into pJ).
 
 How operations are counted (`count_ops`):
-- A TorchDispatchMode sees every aten op of the forward; module hooks say which module (place) runs it.
+- A TorchDispatchMode sees every aten op of the forward; module hooks say which modules run it, and the place is
+  what they declare (`energy_group`, `energy_place`, `energy_scope`: see places.py for how a new op declares one).
 - Spiking operands are recognised from their values: a tensor is binary when it is bool or all of it is 0 or 1.
 - Matrix products charge only non-zero operand pairs (weights always count as non-zero): an operand pair with a
   binary member is an AC (an accumulate driven by a spike), two non-binary operands make a MAC. For a Linear on
@@ -17,77 +18,27 @@ How operations are counted (`count_ops`):
 - Norms: LayerNorm is charged per row (see `_layer_norm`); BatchNorm/PowerNorm cost one MAC per element until folded
   into their Linear (`model.fold_norms()`), then nothing. Softmax, GELU, embeddings and residual adds have rules too.
 - An op that touches activations and has no rule lands in `OpCounts.unpriced` (the tests keep it empty).
-
-Pricing (`energy_report`): Horowitz (ISSCC 2014) 45 nm energies, the numbers the paper uses. A multiply costs
-MAC - AC, an add or a comparison one AC; exp, division and square root are charged as a few MACs (an assumption
-stated in `EnergyModel`; their counts are in the report to reprice). Memory (`memory=True`) adds one SRAM read per
-weight used by a MAC/AC and per embedding element looked up.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
 import math
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .layers import batch_invariant
-from .neurons import LIF
-from .norms import PowerNorm, SeqBatchNorm
-
-KINDS = ("mac", "ac", "add", "mul", "cmp", "lif", "exp", "div", "sqrt", "mem")
-NORM_TYPES = (nn.LayerNorm, nn.BatchNorm1d, SeqBatchNorm, PowerNorm)
+from ..layers import batch_invariant
+from ..neurons import LIF
+from .places import open_scopes, resolve
 
 
-# ---------------------------------------------------------------------------------------------- energy model
-@dataclass(frozen=True)
-class EnergyModel:
-    """Energy per operation in pJ. `mac` and `ac` are Horowitz's 45 nm multiply-add and add; `mem` is one read of
-    one weight from an 8 KB SRAM (10 pJ per 64 bits). exp, div and sqrt have no 45 nm figure there: they are charged
-    as `exp_macs`/`div_macs`/`sqrt_macs` MACs (range reduction + polynomial; Newton-Raphson iterations)."""
-
-    name: str
-    mac: float
-    ac: float
-    mem: float
-    exp_macs: float = 8.0
-    div_macs: float = 4.0
-    sqrt_macs: float = 4.0
-
-    def prices(self, memory: bool = False) -> dict[str, float]:
-        """pJ per operation of each kind; `mem` is zero unless the memory term is asked for."""
-        return {
-            "mac": self.mac,
-            "ac": self.ac,
-            "add": self.ac,
-            "mul": self.mac - self.ac,
-            "cmp": self.ac,
-            "lif": self.mac,
-            "exp": self.exp_macs * self.mac,
-            "div": self.div_macs * self.mac,
-            "sqrt": self.sqrt_macs * self.mac,
-            "mem": self.mem if memory else 0.0,
-        }
-
-
-PRESETS: dict[str, EnergyModel] = {
-    "fp32": EnergyModel("fp32", mac=4.6, ac=0.9, mem=5.0),
-    "fp16": EnergyModel("fp16", mac=1.5, ac=0.4, mem=2.5),
-    "int8": EnergyModel("int8", mac=0.23, ac=0.03, mem=1.25),
-}
-
-
-# ---------------------------------------------------------------------------------------------- counts
 @dataclass
 class OpCounts:
     """Operations of one forward: counts[place][kind], spikes and updates per LIF layer, and the token count."""
@@ -169,10 +120,10 @@ class _OpCounter(TorchDispatchMode):
         self.constant = {_ptr(t) for t in [*model.parameters(), *model.buffers()]}
         self.pending: dict[int, tuple[dict, Tensor]] = {}  # product output storage -> (its record, pairs per entry)
         self.products: list[dict[str, Any]] = []
-        self.stack: list[tuple[str, nn.Module]] = []  # running modules, innermost last
-        self.seen: dict[str, int] = {}  # activation x activation products so far, per attention call
+        self.stack: list[tuple[str, nn.Module, int]] = []  # running modules (path, module, open scopes), innermost last
         self.paused = False
         self.hooks: list = []
+        self.kernel_products: int | None = None  # inside a fused attention kernel: its matrix products so far
 
     # -- module tracking
     def __enter__(self) -> _OpCounter:
@@ -189,8 +140,7 @@ class _OpCounter(TorchDispatchMode):
 
     def _enter_module(self, name: str):
         def hook(module: nn.Module, args: Any) -> None:
-            self.stack.append((name, module))
-            self.seen[name] = 0
+            self.stack.append((name, module, open_scopes()))
 
         return hook
 
@@ -214,37 +164,16 @@ class _OpCounter(TorchDispatchMode):
     def _in_lif(self, outer: bool = False) -> bool:
         """Inside a LIF (outer=True: inside a LIF that is itself inside another LIF)."""
         frames = self.stack[:-1] if outer else self.stack
-        return any(isinstance(m, LIF) for _, m in frames)
+        return any(isinstance(m, LIF) for _, m, _ in frames)
 
-    def _place(self, product: bool = False) -> str:
-        """block{i}.attention.qkv/scores/values/proj/norms/lif, block{i}.mlp.fc1/fc2/act/norms/lif, block{i}.residual,
-        embedding, head, head.lif, head.norms; a module's own path for models of another shape."""
-        if not self.stack:
-            return "model"
-        name, module = self.stack[-1]
-        parts = name.split(".") if name else []
-        leaf = "lif" if isinstance(module, LIF) else "norms" if isinstance(module, NORM_TYPES) else None
-        if parts[:1] == ["embed"]:
-            return "embedding"
-        if parts[:1] == ["head"]:
-            return "head" if leaf is None else f"head.{leaf}"
-        if len(parts) >= 2 and parts[0] == "blocks":
-            block = f"block{parts[1]}"
-            if len(parts) == 2 or parts[2] not in ("attn", "mlp"):
-                return f"{block}.residual"
-            sub = "attention" if parts[2] == "attn" else "mlp"
-            if leaf is None and len(parts) > 3:
-                leaf = "qkv" if parts[3] in ("q", "k", "v", "qkv") else parts[3]
-            elif leaf is None and sub == "attention":
-                # Q K^T comes first, A V second: ops in between (mask, softmax) belong to the scores
-                seen = self.seen.get(name, 0)
-                if product:
-                    self.seen[name] = seen + 1
-                leaf = "scores" if seen == 0 or (seen == 1 and not product) else "values"
-            elif leaf is None:
-                leaf = "act"
-            return f"{block}.{sub}.{leaf}"
-        return name or "model"
+    def _place(self, leaf: str | None = None, product: bool = False) -> str:
+        """The place the running modules and scopes declare (places.py), e.g. block0.attention.qkv. Inside a fused
+        attention kernel (see _FusedKernels), its first product and softmax are `scores`, its second `values`."""
+        if leaf is None and self.kernel_products is not None:
+            seen = self.kernel_products
+            self.kernel_products += int(product)
+            leaf = "scores" if seen == 0 or (seen == 1 and not product) else "values"
+        return resolve(self.stack, leaf)
 
     def _add(self, place: str, kind: str, n: int | float) -> None:
         if n:
@@ -471,7 +400,7 @@ class _OpCounter(TorchDispatchMode):
             keep = keep & (mask if mask.dtype == torch.bool else torch.isfinite(mask)).cpu()
         pairs = int(keep.expand(*q.shape[:-2], s_q, s_k).sum(dtype=torch.float64))
         rows = q.numel() // q.shape[-1]
-        scores, values = self._place(product=True), self._place(product=True)
+        scores, values = self._place("scores"), self._place("values")
         self._add(scores, "mul", q.numel() + k.numel())
         self._add(scores, "mac", pairs * q.shape[-1])
         self._add(scores, "cmp", pairs)
@@ -489,6 +418,24 @@ class _OpCounter(TorchDispatchMode):
             )  # fmt: skip
 
 
+class _FusedKernels(TorchFunctionMode):
+    """Marks the aten ops of scaled_dot_product_attention, one call that holds two places: whatever torch runs it as
+    (one fused op or its math form), the order inside is torch's softmax(Q K^T) V, not the model's."""
+
+    def __init__(self, counter: _OpCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.counter.kernel_products = 0
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.kernel_products = None
+
+
 def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True) -> OpCounts:
     """Every operation of one inference forward of `model` on token ids `idx` (B, S), by place and kind.
 
@@ -502,7 +449,8 @@ def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True) -> OpCoun
     try:
         for m in lifs:
             m.backend = "loop"
-        with torch.no_grad(), batch_invariant(False), _OpCounter(model, skip_masked) as counter:
+        counter = _OpCounter(model, skip_masked)
+        with torch.no_grad(), batch_invariant(False), counter, _FusedKernels(counter):
             model(idx)
     finally:
         for m, backend in zip(lifs, backends, strict=True):
@@ -510,279 +458,3 @@ def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True) -> OpCoun
         model.train(was_training)
     counts = {place: dict(kinds) for place, kinds in counter.counts.items() if any(kinds.values())}
     return OpCounts(counts, dict(counter.firing), int(idx.numel()), dict(counter.unpriced), counter.products)
-
-
-# ---------------------------------------------------------------------------------------------- reports
-def subblock(place: str) -> str:
-    """block3.attention.qkv -> attention.qkv: the place summed over blocks."""
-    return re.sub(r"^block\d+\.", "", place)
-
-
-def _price(kinds: dict[str, int], prices: dict[str, float], fanout: bool = False) -> float:
-    total = 0.0
-    for kind, price in prices.items():
-        n = kinds.get("ac_fanout", 0) if fanout and kind == "ac" else kinds.get(kind, 0)
-        total += n * price
-    return total
-
-
-def energy_report(
-    model: nn.Module, idx: Tensor, preset: str | EnergyModel = "fp32", memory: bool = False, fold: bool = True
-) -> dict[str, Any]:
-    """Energy per token of one forward on `idx` (B, S), JSON-ready. With fold (default), BatchNorm/PowerNorm are
-    folded into their Linear first, as at deployment (on a copy; the model is untouched).
-
-    Keys: total_pj_per_token (exact counts) and total_pj_per_token_fanout (paper-style AC counts);
-    synaptic_pj_per_token[_fanout] (matrix products only); per_place_pj, per_subblock_pj (summed over blocks),
-    per_block_pj, per_kind_pj (pJ per token); kind_counts (ops in the forward), ops_per_token, counts[place][kind];
-    firing_rates {LIF layer: rate}, mean_firing_rate, input_spike_density {place: ones per Linear input and step};
-    tokens, batch, window; energy_preset, prices_pj, memory, folded_norms, config, unpriced_ops."""
-    if isinstance(preset, str) and preset not in PRESETS:
-        raise ValueError(f"unknown energy preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    energy = PRESETS[preset] if isinstance(preset, str) else preset
-    folded = 0
-    if fold and hasattr(model, "fold_norms"):
-        model = copy.deepcopy(model).eval()
-        folded = model.fold_norms()
-    ops = count_ops(model, idx)
-    prices = energy.prices(memory)
-    tokens = ops.tokens
-    per_place = {p: _price(k, prices) / tokens for p, k in sorted(ops.counts.items())}
-    per_subblock: dict[str, float] = defaultdict(float)
-    per_block: dict[str, float] = defaultdict(float)
-    for place, pj in per_place.items():
-        per_subblock[subblock(place)] += pj
-        per_block[place.split(".")[0]] += pj
-    kinds = ops.by_kind()
-    rates = ops.firing_rates()
-    # the paper's scope: only the matrix products (synaptic operations), exact and nnz * fan-out
-    synaptic = sum(r["charged"] * prices[r["kind"]] for r in ops.products) / tokens
-    synaptic_fanout = sum(r["fanout"] * prices[r["kind"]] for r in ops.products) / tokens
-    density: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in ops.products:
-        if r["weight"] and r["kind"] == "ac":
-            density[r["place"]][0] += r["input_nnz"]
-            density[r["place"]][1] += r["input_size"]
-    spikes = sum(s for s, _ in ops.firing.values())
-    updates = sum(u for _, u in ops.firing.values())
-    config = getattr(model, "config", None)
-    return {
-        "config": config.to_dict() if hasattr(config, "to_dict") else type(model).__name__,
-        "energy_preset": energy.name,
-        "prices_pj": prices,
-        "memory": memory,
-        "tokens": tokens,
-        "batch": int(idx.shape[0]),
-        "window": int(idx.shape[1]),
-        "folded_norms": folded,
-        "total_pj_per_token": sum(per_place.values()),
-        "total_pj_per_token_fanout": sum(_price(k, prices, fanout=True) for k in ops.counts.values()) / tokens,
-        "synaptic_pj_per_token": synaptic,
-        "synaptic_pj_per_token_fanout": synaptic_fanout,
-        "per_kind_pj": {k: kinds.get(k, 0) * prices[k] / tokens for k in KINDS},
-        "kind_counts": {k: kinds.get(k, 0) for k in (*KINDS, "ac_fanout")},
-        "ops_per_token": {k: kinds.get(k, 0) / tokens for k in (*KINDS, "ac_fanout")},
-        "per_block_pj": dict(per_block),
-        "per_subblock_pj": dict(per_subblock),
-        "per_place_pj": per_place,
-        "counts": ops.counts,
-        "firing_rates": rates,
-        "mean_firing_rate": spikes / updates if updates else None,
-        # fraction of ones in the spikes each Linear receives, per time step (the embedding's included)
-        "input_spike_density": {p: n / size for p, (n, size) in density.items() if size},
-        "unpriced_ops": ops.unpriced,
-    }
-
-
-def compare_reports(snn: dict[str, Any], ann: dict[str, Any]) -> dict[str, Any]:
-    """How much less energy per token the first model needs than the baseline, overall and per sub-block."""
-    if snn["energy_preset"] != ann["energy_preset"] or snn["memory"] != ann["memory"]:
-        raise ValueError("compare reports priced with the same energy preset and memory setting")
-    a, s = ann["total_pj_per_token"], snn["total_pj_per_token"]
-    a_fan, s_fan = ann["total_pj_per_token_fanout"], snn["total_pj_per_token_fanout"]
-    names = [*snn["per_subblock_pj"], *(k for k in ann["per_subblock_pj"] if k not in snn["per_subblock_pj"])]
-    return {
-        "energy_preset": snn["energy_preset"],
-        "memory": snn["memory"],
-        "snn_pj_per_token": s,
-        "ann_pj_per_token": a,
-        "ratio": s / a,
-        "saving_percent": 100.0 * (1.0 - s / a),
-        "saving_percent_fanout": 100.0 * (1.0 - s_fan / a_fan),
-        # the paper's accounting: matrix products only (no norms, neurons, softmax, residuals), nnz * fan-out
-        "saving_percent_synaptic": 100.0 * (1.0 - snn["synaptic_pj_per_token"] / ann["synaptic_pj_per_token"]),
-        "saving_percent_synaptic_fanout": 100.0
-        * (1.0 - snn["synaptic_pj_per_token_fanout"] / ann["synaptic_pj_per_token_fanout"]),
-        "snn_window": snn["window"],
-        "ann_window": ann["window"],
-        "per_subblock_pj": {
-            n: {"snn": snn["per_subblock_pj"].get(n, 0.0), "ann": ann["per_subblock_pj"].get(n, 0.0)} for n in names
-        },
-    }
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="run or checkpoint directory of the model to measure")
-    base = p.add_mutually_exclusive_group()
-    base.add_argument("--baseline", metavar="ANN_CHECKPOINT", help="checkpoint of the ANN to compare with")
-    base.add_argument(
-        "--baseline-preset",
-        metavar="PRESET",
-        help="compare with an untrained model of this preset (e.g. ann) and the checkpoint's sizes: "
-        "op counts of a dense ANN do not depend on its weights",
-    )
-    p.add_argument("--preset", default="fp32", choices=sorted(PRESETS), help="energy per operation (default fp32)")
-    p.add_argument("--memory", action="store_true", help="add one SRAM read per weight used")
-    p.add_argument("--windows", type=int, default=4, help="validation windows to measure (default 4)")
-    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_len)")
-    p.add_argument("--no-fold", action="store_true", help="keep BatchNorm/PowerNorm unfolded")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", metavar="PNG", help="write a bar chart (energy per sub-block) and firing rates")
-
-
-def validation_windows(ids: Tensor, length: int, count: int) -> Tensor:
-    """`count` windows of `length` tokens spread evenly over the split (fewer tokens if the split is short)."""
-    if count < 1 or length < 1:
-        raise ValueError(f"need at least one window of at least one token, got {count} x {length}")
-    length = min(length, len(ids))
-    if length < 1:
-        raise ValueError("the validation split is empty; train with val_frac > 0")
-    starts = torch.linspace(0, len(ids) - length, count).round().long()
-    return torch.stack([ids[s : s + length] for s in starts.tolist()])
-
-
-def _baseline_model(config, name: str) -> nn.Module:
-    from .config import SpikeDecoderConfig
-    from .model import SpikeDecoder
-
-    sizes = {k: getattr(config, k) for k in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "mlp_ratio")}
-    torch.manual_seed(0)
-    return SpikeDecoder(SpikeDecoderConfig.from_preset(name, **sizes)).eval()
-
-
-def run(args: argparse.Namespace) -> int:
-    from .rundir import load_checkpoint, validation_ids
-
-    model, tokenizer, meta = load_checkpoint(args.checkpoint)
-    ids = validation_ids(meta, tokenizer)
-    length = args.window or model.config.max_len
-    if length > model.config.max_len:
-        raise ValueError(f"--window {length} exceeds the model's max_len={model.config.max_len}")
-    idx = validation_windows(ids, length, args.windows)
-    report = energy_report(model, idx, args.preset, args.memory, fold=not args.no_fold)
-    report["label"] = model.config.preset
-    report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
-    result: dict[str, Any] = {"model": report}
-    if args.baseline or args.baseline_preset:
-        if args.baseline:
-            base_model = load_checkpoint(args.baseline)[0]
-        else:
-            base_model = _baseline_model(model.config, args.baseline_preset)
-        if base_model.config.vocab_size != model.config.vocab_size:
-            raise ValueError("the baseline has another vocabulary; compare models trained with the same tokenizer")
-        base_idx = idx[:, : base_model.config.max_len]
-        base = energy_report(base_model, base_idx, args.preset, args.memory, fold=not args.no_fold)
-        base["label"] = base_model.config.preset + ("" if args.baseline else " (untrained)")
-        result["baseline"] = base
-        result["comparison"] = compare_reports(report, base)
-    if args.plot:
-        plot_reports(result, args.plot)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
-        if args.plot:
-            print(f"\nplot written to {args.plot}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------- output
-_ORDER = [
-    "embedding", "attention.qkv", "attention.scores", "attention.values", "attention.proj", "attention.norms",
-    "attention.lif", "mlp.fc1", "mlp.act", "mlp.fc2", "mlp.norms", "mlp.lif", "residual", "head.norms", "head.lif",
-    "head",
-]  # fmt: skip
-
-
-def _ordered(names) -> list[str]:
-    return sorted(names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """Terminal tables: pJ per token per sub-block (model beside baseline), ops per token, firing rates."""
-    reports = [result["model"], *([result["baseline"]] if "baseline" in result else [])]
-    first = reports[0]
-    prices = first["prices_pj"]
-    lines = [
-        f"energy per token, {first['energy_preset']} (MAC {prices['mac']} pJ, AC {prices['ac']} pJ), "
-        f"memory {'on' if first['memory'] else 'off'}; {first.get('data', '')}",
-        "",
-        f"{'sub-block':<18}" + "".join(f"{r.get('label', 'model'):>24}" for r in reports),
-    ]
-    names = _ordered({n for r in reports for n in r["per_subblock_pj"]})
-    for n in names:
-        lines.append(f"{n:<18}" + "".join(f"{r['per_subblock_pj'].get(n, 0.0):>21.1f} pJ" for r in reports))
-    lines.append(f"{'total':<18}" + "".join(f"{r['total_pj_per_token']:>21.1f} pJ" for r in reports))
-    lines.append(f"{'(nnz*fan-out)':<18}" + "".join(f"{r['total_pj_per_token_fanout']:>21.1f} pJ" for r in reports))
-    if "comparison" in result:
-        c = result["comparison"]
-        lines += [
-            "",
-            f"saving: {c['saving_percent']:.1f} % (exact counts), {c['saving_percent_fanout']:.1f} % "
-            f"(paper-style nnz*fan-out counts); {c['snn_pj_per_token']:.1f} vs {c['ann_pj_per_token']:.1f} pJ/token",
-            f"matrix products only (the paper's scope): {c['saving_percent_synaptic']:.1f} % exact, "
-            f"{c['saving_percent_synaptic_fanout']:.1f} % nnz*fan-out",
-        ]
-    lines += ["", f"{'ops per token':<18}" + "".join(f"{r.get('label', 'model'):>24}" for r in reports)]
-    for kind in (*KINDS, "ac_fanout"):
-        lines.append(f"{kind:<18}" + "".join(f"{r['ops_per_token'].get(kind, 0):>24,.0f}" for r in reports))
-    for r in reports:
-        if r["firing_rates"]:
-            lines += ["", f"firing rates ({r.get('label', 'model')}, mean {r['mean_firing_rate']:.3f})"]
-            lines += [f"  {name:<34}{rate:>8.3f}" for name, rate in r["firing_rates"].items()]
-        if r["input_spike_density"]:
-            lines += ["", f"spike density at each Linear's input, per step ({r.get('label', 'model')})"]
-            lines += [f"  {name:<34}{d:>8.3f}" for name, d in r["input_spike_density"].items()]
-    return "\n".join(lines)
-
-
-def plot_reports(result: dict[str, Any], path: str | Path) -> None:
-    """Left: pJ per token stacked per sub-block, model beside baseline. Right: firing rate per LIF layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    reports = [result["model"], *([result["baseline"]] if "baseline" in result else [])]
-    names = _ordered({n for r in reports for n in r["per_subblock_pj"]})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.2]})
-    colors = plt.get_cmap("tab20")
-    labels = [r.get("label", "model") for r in reports]
-    bottoms = [0.0] * len(reports)
-    for i, n in enumerate(names):
-        values = [r["per_subblock_pj"].get(n, 0.0) for r in reports]
-        left.bar(labels, values, bottom=bottoms, label=n, color=colors(i % 20), width=0.6)
-        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
-    for x, total in enumerate(bottoms):
-        left.text(x, total, f"{total:,.0f} pJ", ha="center", va="bottom")
-    title = f"energy per token ({reports[0]['energy_preset']})"
-    if "comparison" in result:
-        title += f": saving {result['comparison']['saving_percent']:.1f} %"
-    left.set_title(title)
-    left.set_ylabel("pJ per token")
-    left.set_ylim(0, 1.08 * max(*bottoms, 1e-9))
-    handles, texts = left.get_legend_handles_labels()  # top of the stack first
-    left.legend(handles[::-1], texts[::-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    rates = reports[0]["firing_rates"]
-    if rates:
-        right.barh(list(rates), list(rates.values()), color="tab:orange")
-        right.invert_yaxis()
-        right.set_xlabel("firing rate (spikes per neuron per step)")
-        right.tick_params(axis="y", labelsize=7)
-    else:
-        right.text(0.5, 0.5, "no LIF layers", ha="center", va="center")
-    right.set_title(f"firing rate per LIF layer ({labels[0]}, validation text)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

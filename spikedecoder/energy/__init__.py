@@ -1,0 +1,26 @@
+"""Measured energy per token (SPEC section 7), in three parts: the counting engine (counter.py, with the places
+that modules declare in places.py), the 45 nm pricing and report (pricing.py), and the CLI's tables and plots
+(report.py). Importing `spikedecoder.energy` gives all of their public names."""
+
+from .counter import OpCounts, count_ops, is_binary
+from .places import energy_scope
+from .pricing import KINDS, PRESETS, EnergyModel, compare_reports, energy_report, subblock
+from .report import add_arguments, format_table, plot_reports, run, validation_windows
+
+__all__ = [
+    "KINDS",
+    "PRESETS",
+    "EnergyModel",
+    "OpCounts",
+    "add_arguments",
+    "compare_reports",
+    "count_ops",
+    "energy_report",
+    "energy_scope",
+    "format_table",
+    "is_binary",
+    "plot_reports",
+    "run",
+    "subblock",
+    "validation_windows",
+]

@@ -1,0 +1,179 @@
+"""`spikedecoder energy`: measure a checkpoint on its validation text (beside a baseline), print tables, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .pricing import KINDS, PRESETS, compare_reports, energy_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="run or checkpoint directory of the model to measure")
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--baseline", metavar="ANN_CHECKPOINT", help="checkpoint of the ANN to compare with")
+    base.add_argument(
+        "--baseline-preset",
+        metavar="PRESET",
+        help="compare with an untrained model of this preset (e.g. ann) and the checkpoint's sizes: "
+        "op counts of a dense ANN do not depend on its weights",
+    )
+    p.add_argument("--preset", default="fp32", choices=sorted(PRESETS), help="energy per operation (default fp32)")
+    p.add_argument("--memory", action="store_true", help="add one SRAM read per weight used")
+    p.add_argument("--windows", type=int, default=4, help="validation windows to measure (default 4)")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_len)")
+    p.add_argument("--no-fold", action="store_true", help="keep BatchNorm/PowerNorm unfolded")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart (energy per sub-block) and firing rates")
+
+
+def validation_windows(ids: Tensor, length: int, count: int) -> Tensor:
+    """`count` windows of `length` tokens spread evenly over the split (fewer tokens if the split is short)."""
+    if count < 1 or length < 1:
+        raise ValueError(f"need at least one window of at least one token, got {count} x {length}")
+    length = min(length, len(ids))
+    if length < 1:
+        raise ValueError("the validation split is empty; train with val_frac > 0")
+    starts = torch.linspace(0, len(ids) - length, count).round().long()
+    return torch.stack([ids[s : s + length] for s in starts.tolist()])
+
+
+def _baseline_model(config, name: str) -> nn.Module:
+    from ..config import SpikeDecoderConfig
+    from ..model import SpikeDecoder
+
+    sizes = {k: getattr(config, k) for k in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "mlp_ratio")}
+    torch.manual_seed(0)
+    return SpikeDecoder(SpikeDecoderConfig.from_preset(name, **sizes)).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..rundir import load_checkpoint, validation_ids
+
+    model, tokenizer, meta = load_checkpoint(args.checkpoint)
+    ids = validation_ids(meta, tokenizer)
+    length = args.window or model.config.max_len
+    if length > model.config.max_len:
+        raise ValueError(f"--window {length} exceeds the model's max_len={model.config.max_len}")
+    idx = validation_windows(ids, length, args.windows)
+    report = energy_report(model, idx, args.preset, args.memory, fold=not args.no_fold)
+    report["label"] = model.config.preset
+    report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
+    result: dict[str, Any] = {"model": report}
+    if args.baseline or args.baseline_preset:
+        if args.baseline:
+            base_model = load_checkpoint(args.baseline)[0]
+        else:
+            base_model = _baseline_model(model.config, args.baseline_preset)
+        if base_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError("the baseline has another vocabulary; compare models trained with the same tokenizer")
+        base_idx = idx[:, : base_model.config.max_len]
+        base = energy_report(base_model, base_idx, args.preset, args.memory, fold=not args.no_fold)
+        base["label"] = base_model.config.preset + ("" if args.baseline else " (untrained)")
+        result["baseline"] = base
+        result["comparison"] = compare_reports(report, base)
+    if args.plot:
+        plot_reports(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        if args.plot:
+            print(f"\nplot written to {args.plot}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- output
+_ORDER = [
+    "embedding", "attention.qkv", "attention.scores", "attention.values", "attention.proj", "attention.norms",
+    "attention.lif", "mlp.fc1", "mlp.act", "mlp.fc2", "mlp.norms", "mlp.lif", "residual", "head.norms", "head.lif",
+    "head",
+]  # fmt: skip
+
+
+def _ordered(names) -> list[str]:
+    return sorted(names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Terminal tables: pJ per token per sub-block (model beside baseline), ops per token, firing rates."""
+    reports = [result["model"], *([result["baseline"]] if "baseline" in result else [])]
+    first = reports[0]
+    prices = first["prices_pj"]
+    lines = [
+        f"energy per token, {first['energy_preset']} (MAC {prices['mac']} pJ, AC {prices['ac']} pJ), "
+        f"memory {'on' if first['memory'] else 'off'}; {first.get('data', '')}",
+        "",
+        f"{'sub-block':<18}" + "".join(f"{r.get('label', 'model'):>24}" for r in reports),
+    ]
+    names = _ordered({n for r in reports for n in r["per_subblock_pj"]})
+    for n in names:
+        lines.append(f"{n:<18}" + "".join(f"{r['per_subblock_pj'].get(n, 0.0):>21.1f} pJ" for r in reports))
+    lines.append(f"{'total':<18}" + "".join(f"{r['total_pj_per_token']:>21.1f} pJ" for r in reports))
+    lines.append(f"{'(nnz*fan-out)':<18}" + "".join(f"{r['total_pj_per_token_fanout']:>21.1f} pJ" for r in reports))
+    if "comparison" in result:
+        c = result["comparison"]
+        lines += [
+            "",
+            f"saving: {c['saving_percent']:.1f} % (exact counts), {c['saving_percent_fanout']:.1f} % "
+            f"(paper-style nnz*fan-out counts); {c['snn_pj_per_token']:.1f} vs {c['ann_pj_per_token']:.1f} pJ/token",
+            f"matrix products only (the paper's scope): {c['saving_percent_synaptic']:.1f} % exact, "
+            f"{c['saving_percent_synaptic_fanout']:.1f} % nnz*fan-out",
+        ]
+    lines += ["", f"{'ops per token':<18}" + "".join(f"{r.get('label', 'model'):>24}" for r in reports)]
+    for kind in (*KINDS, "ac_fanout"):
+        lines.append(f"{kind:<18}" + "".join(f"{r['ops_per_token'].get(kind, 0):>24,.0f}" for r in reports))
+    for r in reports:
+        if r["firing_rates"]:
+            lines += ["", f"firing rates ({r.get('label', 'model')}, mean {r['mean_firing_rate']:.3f})"]
+            lines += [f"  {name:<34}{rate:>8.3f}" for name, rate in r["firing_rates"].items()]
+        if r["input_spike_density"]:
+            lines += ["", f"spike density at each Linear's input, per step ({r.get('label', 'model')})"]
+            lines += [f"  {name:<34}{d:>8.3f}" for name, d in r["input_spike_density"].items()]
+    return "\n".join(lines)
+
+
+def plot_reports(result: dict[str, Any], path: str | Path) -> None:
+    """Left: pJ per token stacked per sub-block, model beside baseline. Right: firing rate per LIF layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = [result["model"], *([result["baseline"]] if "baseline" in result else [])]
+    names = _ordered({n for r in reports for n in r["per_subblock_pj"]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.2]})
+    colors = plt.get_cmap("tab20")
+    labels = [r.get("label", "model") for r in reports]
+    bottoms = [0.0] * len(reports)
+    for i, n in enumerate(names):
+        values = [r["per_subblock_pj"].get(n, 0.0) for r in reports]
+        left.bar(labels, values, bottom=bottoms, label=n, color=colors(i % 20), width=0.6)
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    for x, total in enumerate(bottoms):
+        left.text(x, total, f"{total:,.0f} pJ", ha="center", va="bottom")
+    title = f"energy per token ({reports[0]['energy_preset']})"
+    if "comparison" in result:
+        title += f": saving {result['comparison']['saving_percent']:.1f} %"
+    left.set_title(title)
+    left.set_ylabel("pJ per token")
+    left.set_ylim(0, 1.08 * max(*bottoms, 1e-9))
+    handles, texts = left.get_legend_handles_labels()  # top of the stack first
+    left.legend(handles[::-1], texts[::-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    rates = reports[0]["firing_rates"]
+    if rates:
+        right.barh(list(rates), list(rates.values()), color="tab:orange")
+        right.invert_yaxis()
+        right.set_xlabel("firing rate (spikes per neuron per step)")
+        right.tick_params(axis="y", labelsize=7)
+    else:
+        right.text(0.5, 0.5, "no LIF layers", ha="center", va="center")
+    right.set_title(f"firing rate per LIF layer ({labels[0]}, validation text)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
