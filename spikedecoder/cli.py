@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, SpikeDecoderConfig
+from .config import ConfigError
 from .data import DataError
 from .optim import TrainingDiverged
+from .settings import TrainConfig, load_config_file, model_config
+from .settings import train_config as settings_train_config
 
 EXAMPLES = {
     "train": """examples:
@@ -43,51 +44,18 @@ EXAMPLES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- config files
-def parse_value(text: str) -> Any:
-    """A TOML value (number, bool, quoted string, list) or, failing that, the bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+PRECEDENCE = """settings, highest precedence first:
+  1. the command line: --set SECTION.KEY=VALUE, --steps, --data, --minutes
+     (--set presets.NAME.KEY=VALUE beats --set model.KEY=VALUE for preset NAME)
+  2. the config file's [presets.NAME] section (a study variant's own tables)
+  3. the config file's shared [model] and [train] sections
+  4. the preset's defaults"""
 
 
-def load_config_file(path: str | None, sets: list[str]) -> dict[str, Any]:
-    """Read a TOML config and apply `section.key=value` overrides."""
-    config: dict[str, Any] = {}
-    if path:
-        try:
-            config = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: use section.key=value, e.g. --set model.n_layer=6")
-        section, name = key.split(".", 1)
-        config.setdefault(section, {})[name] = parse_value(value)
-    return config
-
-
-def model_config(config: dict[str, Any], preset: str | None) -> SpikeDecoderConfig:
-    name = preset or config.get("preset", "spikedecoder")
-    overrides = {**config.get("model", {}), **config.get("presets", {}).get(name, {})}
-    return SpikeDecoderConfig.from_preset(name, **overrides)
-
-
-def train_config(config: dict[str, Any], args: argparse.Namespace):
-    from .train import TrainConfig
-
-    values = dict(config.get("train", {}))
-    if getattr(args, "data", None):
-        values["data"] = args.data
-    if getattr(args, "steps", None):
-        values["max_steps"] = args.steps
-    if getattr(args, "minutes", None):
-        values["max_minutes"] = args.minutes
-    return TrainConfig.from_dict(values)
+def train_config(config: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
+    """The training settings with --data/--steps/--minutes on top (see settings.py for the precedence)."""
+    given = {"data": "data", "max_steps": "steps", "max_minutes": "minutes"}
+    return settings_train_config(config, **{key: getattr(args, arg, None) or None for key, arg in given.items()})
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -217,12 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikedecoder",
         description="Train spiking GPT language models, compare them with their ANN twin, measure energy per token.",
+        epilog=PRECEDENCE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        epilog = EXAMPLES[name] + ("\n\n" + PRECEDENCE if name in ("train", "compare", "info", "study") else "")
         return sub.add_parser(
-            name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+            name, help=help_text, description=help_text, epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .settings import TrainConfig
 
 
 class TrainingDiverged(RuntimeError):

@@ -19,7 +19,7 @@ from .data import eval_batches
 from .model import SpikeDecoder
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .settings import TrainConfig
 
 
 @dataclass

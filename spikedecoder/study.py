@@ -37,7 +37,8 @@ import torch
 from .config import ConfigError, SpikeDecoderConfig
 from .rundir import checkpoint_dir, load_checkpoint, read_history, validation_ids
 from .runtime import evaluate
-from .train import TrainConfig, prepare_data, train
+from .settings import TrainConfig, load_config_file, model_config, train_config
+from .train import prepare_data, train
 
 RESULT = "result.json"
 STUDY_KEYS = {
@@ -76,8 +77,6 @@ class Variant:
 
 def load_study(path: str | Path, sets: list[str] | None = None, scale: str = "cpu") -> dict[str, Any]:
     """Read a study file (switching to its GPU twin for scale='gpu') and apply `section.key=value` overrides."""
-    from .cli import load_config_file
-
     path = Path(path)
     if scale == "gpu":
         given = load_config_file(str(path), [])
@@ -115,11 +114,6 @@ def plan(config: dict[str, Any], data: str | None = None) -> list[Variant]:
     variants = config.get("variants")
     if not variants:
         raise ConfigError("the study defines no variants; add [[variants]] tables with name and preset")
-    base_model = config.get("model", {})
-    base_train = dict(config.get("train", {}))
-    if data:
-        base_train["data"] = data
-    device_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out, seen = [], set()
     for i, v in enumerate(variants):
         unknown = sorted(set(v) - VARIANT_KEYS)
@@ -134,21 +128,9 @@ def plan(config: dict[str, Any], data: str | None = None) -> list[Variant]:
             raise ConfigError(f"variant name {name!r} appears twice; names must be unique")
         seen.add(name)
         preset = v["preset"]
-        overrides = {**base_model, **config.get("presets", {}).get(preset, {}), **v.get("model", {})}
         try:
-            model = SpikeDecoderConfig.from_preset(preset, **overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"variant {name!r}: {exc}") from exc
-        train_values = {**base_train, **v.get("train", {})}
-        if "device" in train_values and "device" not in device_fields:
-            if train_values["device"] != "cpu":
-                raise ConfigError(
-                    f"variant {name!r}: train.device={train_values['device']!r}, but this version of train() "
-                    "trains on the CPU only; run the study on the CPU with --set train.device=cpu"
-                )
-            del train_values["device"]
-        try:
-            tcfg = TrainConfig.from_dict(train_values)
+            model = model_config(config, preset, v.get("model", {}))
+            tcfg = train_config(config, v.get("train", {}), data=data or None)
         except ConfigError as exc:
             raise ConfigError(f"variant {name!r}: {exc}") from exc
         out.append(Variant(name, v.get("group", preset), preset, v.get("description", ""), model, tcfg))

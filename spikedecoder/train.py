@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,73 +29,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, SpikeDecoderConfig
+from .config import SpikeDecoderConfig
 from .data import TokenData, get_batch, load_text, unit_name
 from .model import SpikeDecoder
 from .optim import TrainingDiverged, grad_norm, learning_rate, lm_loss, param_groups
 from .rundir import Logger, has_checkpoint, rank_key, restore_training_state, rng_state, save_checkpoint
 from .runtime import Runtime, evaluate, setup_runtime
+from .settings import TrainConfig
 
 
-@dataclass
-class TrainConfig:
-    """How to train: data, optimisation and bookkeeping (the model is a SpikeDecoderConfig)."""
-
-    data: str | None = None  # a UTF-8 text file; None = the built-in Shakespeare corpus
-    tokenizer: str = "char"  # char | bpe | word
-    vocab_size: int = 1024  # for bpe / word tokenizers
-    unk: str | None = None  # map unknown characters to this one instead of failing
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    batch_size: int = 32
-    max_steps: int = 1000
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 500
-    eval_batches: int | None = None  # None = the whole validation split
-    eval_batch_size: int = 64
-    checkpoint_interval: int = 500
-    seed: int = 1337
-    log: str = "csv"  # csv | tensorboard | none
-    max_minutes: float | None = None  # stop (and checkpoint) after this wall time
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when a GPU is visible); torchrun: cuda:LOCAL_RANK
-    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.tokenizer in ("char", "bpe", "word"), f"tokenizer={self.tokenizer!r}: choose char, bpe or word"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
-            (self.eval_interval >= 1 and self.checkpoint_interval >= 1, "intervals must be >= 1"),
-            (self.log in ("csv", "tensorboard", "none"), f"log={self.log!r}: choose csv, tensorboard or none"),
-            (
-                isinstance(self.device, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device) is not None,
-                f"device={self.device!r}: choose cpu, cuda, cuda:N or auto",
-            ),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision!r}: choose auto, fp32 or bf16"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 def prepare_data(cfg: TrainConfig) -> TokenData:
     return TokenData.from_text(
         load_text(cfg.data),

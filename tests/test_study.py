@@ -153,7 +153,7 @@ def test_every_shipped_study_file_plans_valid_variants(path: Path):
 
 
 def test_make_run_config_builds_both_presets():
-    from spikedecoder.cli import load_config_file, model_config
+    from spikedecoder.settings import load_config_file, model_config
 
     config = load_config_file(str(CONFIGS / "run.toml"), [])
     snn, ann = (model_config(config, name) for name in config["compare"]["presets"])
