@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import spikedecoder.study as study
+import spikedecoder.study_report as study_report
 from spikedecoder.cli import main
 from spikedecoder.energy import compare_reports
 from spikedecoder.rundir import read_history
@@ -139,7 +140,7 @@ def test_pareto_front():
         {"name": "c", "pj_per_token": 100.0, "val_bits_per_char": 2.0},
         {"name": "d", "pj_per_token": 5.0, "val_bits_per_char": 4.0},
     ]
-    assert [r["name"] for r in study.pareto(rows, "bits_per_char")] == ["d", "a", "c"]
+    assert [r["name"] for r in study_report.pareto(rows, "bits_per_char")] == ["d", "a", "c"]
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
