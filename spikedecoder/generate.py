@@ -27,33 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .inputs import check_token_ids
 from .layers import batch_invariant
-
-_INT_DTYPES = (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
-def _check_prompt(idx: Tensor, vocab_size: int) -> None:
-    if not isinstance(idx, Tensor) or idx.dtype not in _INT_DTYPES:
-        raise TypeError(
-            f"the prompt must be a tensor of integer token ids, got {type(idx).__name__} {getattr(idx, 'dtype', '')}; "
-            "encode text with the tokenizer first (or call generate_text)"
-        )
-    if idx.dim() != 2:
-        raise ValueError(f"the prompt must have shape (B, S), got {tuple(idx.shape)}; add a batch dimension: idx[None]")
-    if idx.shape[0] == 0 or idx.shape[1] == 0:
-        raise ValueError(
-            f"empty prompt (shape {tuple(idx.shape)}): give at least one token per row, e.g. the id of a newline"
-        )
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"prompt token id {bad} is outside this model's vocabulary [0, {vocab_size}); encode the prompt with "
-            "the tokenizer saved with the model's checkpoint"
-        )
-
-
 def _check_sampling(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None
 ) -> None:
@@ -185,7 +163,7 @@ def generate_ids(
     the reference redraws: the two modes then differ).
     """
     cfg = model.config
-    _check_prompt(idx, cfg.vocab_size)
+    check_token_ids(idx, cfg.vocab_size, "prompt")
     _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     keep = _check_keep(keep, cfg.max_len)
     if on_token is not None and idx.shape[0] != 1:

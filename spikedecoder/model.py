@@ -15,6 +15,7 @@ from .attention import SoftmaxAttention, SpikingSelfAttention
 from .checkpoint import load_model_files, save_model_files
 from .config import SpikeDecoderConfig
 from .encoding import SpikeEmbedding
+from .inputs import check_token_ids
 from .layers import Linear, LinearNorm, make_lif
 from .mlp import GeluMLP, SpikingMLP
 from .norms import LayerNorm
@@ -106,7 +107,7 @@ class SpikeDecoder(nn.Module):
         """Token ids (B, S) -> logits (B, S, V). With a cache, idx holds only the tokens after those seen."""
         start = cache.length if cache is not None else 0
         self.check_input(idx, start)
-        x = self.embed(idx, start)
+        x = self.embed(idx.long(), start)  # every integer dtype the check accepts (embedding takes int64)
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layers[i] if cache is not None else None)
         if cache is not None:
@@ -114,34 +115,7 @@ class SpikeDecoder(nn.Module):
         return self.head(x)
 
     def check_input(self, idx: Tensor, start: int = 0) -> None:
-        cfg = self.config
-        if not isinstance(idx, Tensor) or idx.dtype not in (
-            torch.long,
-            torch.int32,
-            torch.int16,
-            torch.uint8,
-        ):
-            raise TypeError(
-                f"expected a tensor of integer token ids, got {type(idx).__name__} "
-                f"{getattr(idx, 'dtype', '')}; encode text with the tokenizer first"
-            )
-        if idx.dim() != 2:
-            raise ValueError(
-                f"expected token ids of shape (B, S), got {tuple(idx.shape)}; add a batch dimension with idx[None]"
-            )
-        if idx.shape[1] == 0:
-            raise ValueError("empty sequence: give at least one token")
-        if start + idx.shape[1] > cfg.max_len:
-            raise ValueError(
-                f"{start + idx.shape[1]} positions exceed max_len={cfg.max_len}; crop the input to the "
-                "last max_len tokens (generate() slides the window for you)"
-            )
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
-            bad = int(idx.max()) if int(idx.max()) >= cfg.vocab_size else int(idx.min())
-            raise ValueError(
-                f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
-                "use the tokenizer the model was trained with"
-            )
+        check_token_ids(idx, self.config.vocab_size, "input", self.config.max_len, start)
 
     # ------------------------------------------------------------------ inference helpers
     def new_cache(self) -> Cache:

@@ -329,7 +329,7 @@ def test_detokenizer_holds_back_split_utf8_and_decodes_words_in_context() -> Non
         (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
         (dict(idx=prompt(3, batch=2), on_token=print), "batch of one prompt"),
         (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
-        (dict(idx=torch.tensor([[1, V]])), f"token id {V} is outside this model's vocabulary"),
+        (dict(idx=torch.tensor([[1, V]])), f"prompt token id {V} is outside the model's vocabulary"),
         (dict(idx=torch.tensor([1, 2])), "idx[None]"),
     ],
 )

@@ -407,11 +407,11 @@ def test_config_json_round_trip_and_corrupt_file(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("idx", "error", "message"),
     [
-        (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty sequence: give at least one token"),
+        (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty input .* give at least one token"),
         (torch.zeros(5, dtype=torch.long), ValueError, r"shape \(B, S\), got \(5,\); add a batch dimension"),
         (torch.zeros(1, L + 1, dtype=torch.long), ValueError, f"{L + 1} positions exceed max_len={L}; crop"),
-        (torch.full((1, 3), V), ValueError, f"token id {V} is outside the vocabulary \\[0, {V}\\)"),
-        (torch.full((1, 3), -1), ValueError, "token id -1 is outside the vocabulary"),
+        (torch.full((1, 3), V), ValueError, f"token id {V} is outside the model's vocabulary \\[0, {V}\\)"),
+        (torch.full((1, 3), -1), ValueError, "token id -1 is outside the model's vocabulary"),
         (torch.zeros(1, 3), TypeError, "integer token ids, got Tensor torch.float32; encode text"),
     ],
 )
