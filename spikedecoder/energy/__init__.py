@@ -2,7 +2,8 @@
 that modules declare in places.py), the 45 nm pricing and report (pricing.py), and the CLI's tables and plots
 (report.py). Importing `spikedecoder.energy` gives all of their public names."""
 
-from .counter import OpCounts, count_ops, is_binary
+from .counter import count_ops
+from .counts import OpCounts, is_binary
 from .places import energy_scope
 from .pricing import KINDS, PRESETS, EnergyModel, compare_reports, energy_report, subblock
 from .report import add_arguments, format_table, plot_reports, run, validation_windows
