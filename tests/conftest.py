@@ -1,9 +1,40 @@
-"""Settings shared by the whole suite."""
+"""Settings and helpers shared by the whole suite: one tiny-model factory and one fixture text.
+
+Test modules import the helpers directly (`from conftest import TEXT, tiny_model`): pytest puts tests/ on sys.path.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from spikedecoder import SpikeDecoder, SpikeDecoderConfig
+
+PARAGRAPH = (
+    "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "
+    "Ships came home slowly, one by one, and the water was calm and grey.\n"
+)
+TEXT = PARAGRAPH * 20  # 3.4k characters: a small, learnable text
+TINY_SIZES = dict(vocab_size=20, max_len=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_config(preset: str = "spikedecoder", **values) -> SpikeDecoderConfig:
+    """A preset at test sizes (TINY_SIZES); any size or setting can be overridden."""
+    return SpikeDecoderConfig.from_preset(preset, **(TINY_SIZES | values))
+
+
+def tiny_model(preset: str = "spikedecoder", seed: int = 0, warm_norms: bool = False, **values) -> SpikeDecoder:
+    """A tiny random model (seeded) in eval mode. warm_norms: BatchNorm/PowerNorm first get running statistics from
+    three training forwards on random ids, as a trained model's would be."""
+    torch.manual_seed(seed)
+    model = SpikeDecoder(tiny_config(preset, **values))
+    cfg = model.config
+    if warm_norms and cfg.norm in ("batch", "power"):
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randint(0, cfg.vocab_size, (4, cfg.max_len)))
+    return model.eval()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
 from spikedecoder.attention import causal_mask
@@ -40,11 +41,7 @@ def test_running_sum_equals_explicit_scores() -> None:
 
 
 def _model(**overrides) -> SpikeDecoder:
-    torch.manual_seed(0)
-    cfg = SpikeDecoderConfig.from_preset(
-        "spikedecoder", vocab_size=20, max_len=64, n_layer=2, n_head=2, n_embd=32, v_threshold=0.5, **overrides
-    )
-    return SpikeDecoder(cfg).eval()
+    return tiny_model("spikedecoder", **(dict(max_len=64, v_threshold=0.5) | overrides))
 
 
 @pytest.mark.parametrize("residual, window", [(0, 4), (2, 4), (0, [2, 4]), (2, [4, 3])])

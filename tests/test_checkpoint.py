@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from spikedecoder import ConfigError, SpikeDecoder, SpikeDecoderConfig
+from spikedecoder import ConfigError, SpikeDecoder
 from spikedecoder.checkpoint import (
     CONFIG,
     WEIGHTS,
@@ -24,9 +25,7 @@ V = 19
 
 
 def make_model(preset: str = "spikedecoder", **overrides) -> SpikeDecoder:
-    torch.manual_seed(0)
-    values = dict(vocab_size=V, max_len=12, n_layer=2, n_head=2, n_embd=16) | overrides
-    model = SpikeDecoder(SpikeDecoderConfig.from_preset(preset, **values))
+    model = tiny_model(preset, **(dict(vocab_size=V, max_len=12, n_embd=16) | overrides))
     if model.config.norm in ("batch", "power") or model.config.learnable_threshold != "none":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import PARAGRAPH
 
 from spikedecoder.cli import main
 
-PARAGRAPH = (
-    "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "
-    "Ships came home slowly, one by one, and the water was calm and grey.\n"
-)
 TEXT = "".join(f"Night {i}: {PARAGRAPH}" for i in range(20))  # numbered, so the val and test splits differ
 TINY = [
     "--set", "model.n_layer=1",

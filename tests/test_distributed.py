@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEXT
 
 from spikedecoder import ConfigError, SpikeDecoderConfig
 from spikedecoder.checkpoint import load_tensors
@@ -23,11 +24,6 @@ from spikedecoder.runtime import Runtime, evaluate, setup_runtime
 from spikedecoder.train import TrainConfig, rank_batch, train
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAGRAPH = (
-    "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "
-    "Ships came home slowly, one by one, and the water was calm and grey.\n"
-)
-TEXT = PARAGRAPH * 20
 MODEL = dict(n_layer=1, n_head=2, n_embd=16, max_len=16)
 TRAIN = dict(
     batch_size=4,  # per rank: 2 ranks x 4 == one process x 8

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
@@ -21,15 +22,7 @@ V = 20
 
 def tiny(preset: str = "spikedecoder", seed: int = 0, **overrides) -> SpikeDecoder:
     """A small random model; BatchNorm/PowerNorm get running statistics from a few training forwards."""
-    torch.manual_seed(seed)
-    cfg = SpikeDecoderConfig.from_preset(preset, vocab_size=V, max_len=16, n_layer=2, n_head=2, n_embd=32, **overrides)
-    model = SpikeDecoder(cfg)
-    if cfg.norm in ("batch", "power"):
-        model.train()
-        with torch.no_grad():
-            for _ in range(3):
-                model(torch.randint(0, V, (4, 16)))
-    return model.eval()
+    return tiny_model(preset, seed, warm_norms=True, **(dict(vocab_size=V) | overrides))
 
 
 def ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:

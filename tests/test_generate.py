@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from spikedecoder import SpikeDecoder, SpikeDecoderConfig, cli
+from spikedecoder import SpikeDecoder, cli
 from spikedecoder.data import CharTokenizer
 from spikedecoder.generate import _Detokenizer, generate_ids, generate_text, sample_next
 from spikedecoder.layers import batch_invariant
@@ -36,11 +37,10 @@ def make_model(preset: str = "spikedecoder", max_len: int = 128, seed: int = 0, 
     such rates, scaled by 0.125, and the attention LIF never fires: the cache would be tested on zeros. A lower
     threshold (0.3) and attention scale (0.5) give moderate rates in every residual/norm mode, and BatchNorm /
     PowerNorm get running statistics that match the model's own activations (`calibrate`)."""
-    torch.manual_seed(seed)
-    sizes = dict(vocab_size=V, max_len=max_len, n_layer=2, n_head=2, n_embd=32)
+    sizes = dict(vocab_size=V, max_len=max_len)
     if preset != "ann":
         sizes.update(v_threshold=0.3, attn_scale=0.5)
-    model = SpikeDecoder(SpikeDecoderConfig.from_preset(preset, **{**sizes, **overrides}))
+    model = tiny_model(preset, seed, **{**sizes, **overrides})
     calibrate(model)
     return model.eval()
 

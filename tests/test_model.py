@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from torch.overrides import TorchFunctionMode
 
 from spikedecoder import ConfigError, SpikeDecoder, SpikeDecoderConfig
@@ -27,9 +28,8 @@ MODES += [("spikedecoder", {"residual": 0, "attn_window": 4, "av_norm": True})]
 
 
 def make_model(preset: str = "spikedecoder", seed: int = 0, **overrides) -> SpikeDecoder:
-    torch.manual_seed(seed)
-    values = dict(vocab_size=V, max_len=L, n_layer=2, n_head=2, n_embd=32) | overrides
-    return SpikeDecoder(SpikeDecoderConfig.from_preset(preset, **values))
+    model = tiny_model(preset, seed, **(dict(vocab_size=V, max_len=L) | overrides))
+    return model.train()  # as constructed (tiny_model returns eval mode)
 
 
 def tokens(batch: int = 3, length: int = L, seed: int = 1, vocab: int = V) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEXT
 
 import spikedecoder.rundir as rundir_module
 import spikedecoder.train as train_module
@@ -34,11 +35,6 @@ from spikedecoder.rundir import load_checkpoint, split_ids_for, validation_ids
 from spikedecoder.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAGRAPH = (
-    "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "
-    "Ships came home slowly, one by one, and the water was calm and grey.\n"
-)
-TEXT = PARAGRAPH * 20
 MODEL = dict(n_layer=1, n_head=2, n_embd=16, max_len=16, encoding="rate", token_code="float")  # rate coding draws
 # from the global RNG (on float codes: on binary ones a Bernoulli draw would be deterministic)
 TRAIN = dict(

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import PARAGRAPH
 
 import spikedecoder.study as study
 import spikedecoder.study_report as study_report
@@ -20,10 +21,7 @@ from spikedecoder.rundir import read_history
 from spikedecoder.train import train
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "toy.toml"
-TEXT = (
-    "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "
-    "Ships came home slowly, one by one, and the water was calm and grey.\n"
-) * 30
+TEXT = PARAGRAPH * 30
 
 
 def train_steps(run_dir: Path) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEXT, tiny_config
 
 import spikedecoder.train as train_module
 from spikedecoder import ConfigError, SpikeDecoderConfig
@@ -19,12 +20,6 @@ from spikedecoder.rundir import load_checkpoint, read_history
 from spikedecoder.runtime import evaluate
 from spikedecoder.train import TrainConfig, train
 
-PARAGRAPH = (
-    "When the evening light fell across the harbour, the old keeper climbed the stair and lit the lamp. "
-    "Ships came home slowly, one by one, and the water was calm and grey.\n"
-)
-TEXT = PARAGRAPH * 20  # 3.4k characters: a small, learnable text
-
 
 @pytest.fixture(scope="module")
 def data() -> TokenData:
@@ -32,8 +27,7 @@ def data() -> TokenData:
 
 
 def tiny(preset: str = "spikedecoder", **overrides) -> SpikeDecoderConfig:
-    values = dict(n_layer=1, n_head=2, n_embd=32, max_len=24) | overrides
-    return SpikeDecoderConfig.from_preset(preset, **values)
+    return tiny_config(preset, **(dict(n_layer=1, max_len=24) | overrides))
 
 
 def quick(**overrides) -> TrainConfig:
