@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SpikeDecoderConfig
-from .energy.places import energy_scope
+from .energy_places import energy_scope
 from .layers import Linear, LinearNorm, make_lif
 from .norms import LayerNorm, make_norm
 
@@ -50,7 +50,7 @@ class SpikingSelfAttention(nn.Module):
     -> LIF -> Linear -> Norm. With `binary_scores` (spiking residual degree 2) the score map is itself passed
     through a LIF, so A V multiplies two binary operands; decoding then keeps K and V instead of the running sum.
 
-    Energy places (energy/places.py): Q K^T and its mask are `scores`, A V and the scaling `values`."""
+    Energy places (energy_places.py): Q K^T and its mask are `scores`, A V and the scaling `values`."""
 
     energy_group = "attention"
 

@@ -25,7 +25,7 @@ from .surrogate import GRADS, make_surrogate
 class LIF(nn.Module):
     """Leaky integrate-and-fire over the leading T axis, with an optional learnable threshold."""
 
-    energy_place = "lif"  # the energy counter's leaf for its membrane updates (energy/places.py)
+    energy_place = "lif"  # the energy counter's leaf for its membrane updates (energy_places.py)
 
     def __init__(
         self,

@@ -1,10 +1,10 @@
 """Measured energy per token (SPEC section 7), in three parts: the counting engine (counter.py, with the places
-that modules declare in places.py), the 45 nm pricing and report (pricing.py), and the CLI's tables and plots
+that modules declare in energy_places.py), the 45 nm pricing and report (pricing.py), and the CLI's tables and plots
 (report.py). Importing `spikedecoder.energy` gives all of their public names."""
 
+from ..energy_places import energy_scope
 from .counter import count_ops
 from .counts import OpCounts, is_binary
-from .places import energy_scope
 from .pricing import KINDS, PRESETS, EnergyModel, compare_reports, energy_report, subblock
 from .report import add_arguments, format_table, plot_reports, run, validation_windows
 

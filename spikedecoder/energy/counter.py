@@ -3,7 +3,8 @@ counted from the tensors actually seen, sorted by kind and by place (pricing.py 
 
 How operations are counted (`count_ops`):
 - A TorchDispatchMode sees every aten op of the forward; module hooks say which modules run it, and the place is
-  what they declare (`energy_group`, `energy_place`, `energy_scope`: see places.py for how a new op declares one).
+  what they declare (`energy_group`, `energy_place`, `energy_scope`; energy_places.py says how a new op declares
+  one).
 - Spiking operands are recognised from their values: a tensor is binary when it is bool or all of it is 0 or 1.
 - Matrix products charge only non-zero operand pairs (weights always count as non-zero): an operand pair with a
   binary member is an AC (an accumulate driven by a spike), two non-binary operands make a MAC. For a Linear on
@@ -33,10 +34,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..energy_places import open_scopes, resolve
 from ..layers import batch_invariant
 from ..neurons import LIF
 from .counts import OpCounts, _nnz, _ptr, is_binary
-from .places import open_scopes, resolve
 
 # ---------------------------------------------------------------------------------------------- the counter
 _FREE = {
@@ -119,8 +120,8 @@ class _OpCounter(TorchDispatchMode):
         return any(isinstance(m, LIF) for _, m, _ in frames)
 
     def _place(self, leaf: str | None = None, product: bool = False) -> str:
-        """The place the running modules and scopes declare (places.py), e.g. block0.attention.qkv. Inside a fused
-        attention kernel (see _FusedKernels), its first product and softmax are `scores`, its second `values`."""
+        """The place the running modules and scopes declare (energy_places.py), e.g. block0.attention.qkv. Inside a
+        fused attention kernel (see _FusedKernels), its first product and softmax are `scores`, its second `values`."""
         if leaf is None and self.kernel_products is not None:
             seen = self.kernel_products
             self.kernel_products += int(product)
