@@ -30,6 +30,7 @@ EXAMPLES = {
   spikedecoder generate runs/snn --prompt "KING:" --temperature 0.8 --top-k 20 --seed 1""",
     "evaluate": """examples:
   spikedecoder evaluate runs/make-run/spikedecoder
+  spikedecoder evaluate runs/make-run/spikedecoder --data other.txt --unknown skip --json
   spikedecoder evaluate runs/snn --split test --json""",
     "info": """examples:
   spikedecoder info runs/make-run/spikedecoder
@@ -139,20 +140,61 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import math
+
     from .data import unit_name
     from .rundir import load_checkpoint, split_ids_for
     from .runtime import evaluate
 
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
-    ids = split_ids_for(meta, tokenizer, args.split)
-    metrics = evaluate(model, ids, unit_name(tokenizer), max_batches=args.batches)
-    metrics["split"] = args.split
+    skipped = 0
+    if args.data is not None:
+        if args.split is not None:
+            raise ValueError("--split picks a part of the training text; with --data the whole file is evaluated")
+        ids, skipped = encode_file(tokenizer, args.data, args.unknown)
+        source = str(Path(args.data).resolve())
+    else:
+        ids = split_ids_for(meta, tokenizer, args.split or "val")
+        source = f"{args.split or 'val'} split of the training text"
+    if len(ids) < 2:
+        raise ValueError(f"{args.data} holds {len(ids)} token(s); evaluation needs at least 2 (one to predict)")
+    unit = unit_name(tokenizer)
+    metrics = evaluate(model, ids, unit, max_batches=args.batches, progress=True)
+    if unit != "char":  # bits per character of the text the predicted tokens spell
+        chars = len(tokenizer.decode(ids[1 : metrics["tokens"] + 1]))
+        metrics["bits_per_char"] = metrics["loss"] * metrics["tokens"] / math.log(2) / max(chars, 1)
+        metrics["chars"] = chars
+    metrics["data"] = source
+    if args.data is None:
+        metrics["split"] = args.split or "val"
+    else:
+        metrics["skipped_chars"] = skipped
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         for key, value in metrics.items():
             print(f"{key:>15}: {value:.4f}" if isinstance(value, float) else f"{key:>15}: {value}")
     return 0
+
+
+def encode_file(tokenizer: Any, path: str, unknown: str) -> tuple[Any, int]:
+    """Token ids of a UTF-8 file and how many characters were left out: characters the (char) tokenizer does not
+    know are an error listing them, or with unknown='skip' dropped."""
+    from .data import UnknownCharacterError, _encode_tensor, read_text_file
+
+    text = read_text_file(path)
+    try:
+        return _encode_tensor(tokenizer, text), 0
+    except UnknownCharacterError as exc:
+        counts = {c: text.count(c) for c in exc.chars}
+        if unknown != "skip":
+            shown = ", ".join(repr(c) for c in exc.chars[:20]) + (" ..." if len(exc.chars) > 20 else "")
+            raise ValueError(
+                f"{path} has {len(exc.chars)} character(s) the model's vocabulary lacks ({sum(counts.values())} "
+                f"occurrences): {shown}; pass --unknown skip to leave them out"
+            ) from None
+        kept = text.translate({ord(c): None for c in exc.chars})
+        return _encode_tensor(tokenizer, kept), sum(counts.values())
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -232,9 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--escapes", action="store_true", help="interpret \\n etc. in the prompt")
     p.set_defaults(func=cmd_generate)
 
-    p = command("evaluate", "Evaluate a model on the whole validation (or test) split.")
+    p = command(
+        "evaluate", "Evaluate a model on any UTF-8 text, or on the validation (or test) split it was trained on."
+    )
     p.add_argument("checkpoint", help="run or checkpoint directory")
-    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--data", metavar="FILE", help="UTF-8 text file to evaluate whole (default: the training text)")
+    p.add_argument("--unknown", choices=("error", "skip"), default="error",
+                   help="characters outside the vocabulary: an error listing them (default), or skip them")  # fmt: skip
+    p.add_argument("--split", choices=("val", "test"), default=None, help="part of the training text (default val)")
     p.add_argument("--batches", type=int, default=None, help="limit the number of batches (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)

@@ -7,6 +7,7 @@ tinyshakespeare layout ("NAME:\\nline\\nline\\n\\n"), so nothing is downloaded a
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import os
 import re
@@ -35,7 +36,7 @@ class UnknownCharacterError(DataError):
         more = f" and {len(self.chars) - shown} more" if len(self.chars) > shown else ""
         super().__init__(
             f"{len(self.chars)} unknown character(s) not in the tokenizer's vocabulary: {listed}{more}; "
-            "use only characters from the training text, or train with an unknown token (--unk)"
+            "use only characters from the training text, or train with an unknown token (--set train.unk='?')"
         )
 
 
@@ -128,6 +129,20 @@ def load_text(path: str | os.PathLike | None) -> str:
     """The training text: the built-in corpus for None, else a UTF-8 file (newlines normalised to \\n)."""
     if path is None:
         return load_default_corpus()
+    text = read_text_file(path)
+    p = Path(path)
+    if len(text.strip()) == 0:
+        raise DataError(f"{str(p)!r} is empty; a training text needs at least {MIN_TEXT_CHARS} characters")
+    if len(text) < MIN_TEXT_CHARS:
+        raise DataError(
+            f"{str(p)!r} is too short ({len(text)} characters); the training text must have at least "
+            f"{MIN_TEXT_CHARS} characters so train, validation and test splits are all non-empty"
+        )
+    return text
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """Any UTF-8 text file (a BOM dropped, newlines normalised to \\n), with a clear error if it cannot be read."""
     p = Path(path)
     if not p.exists():
         raise DataError(
@@ -144,15 +159,16 @@ def load_text(path: str | os.PathLike | None) -> str:
             f"{str(p)!r} is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
             "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"
         ) from exc
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if len(text.strip()) == 0:
-        raise DataError(f"{str(p)!r} is empty; a training text needs at least {MIN_TEXT_CHARS} characters")
-    if len(text) < MIN_TEXT_CHARS:
-        raise DataError(
-            f"{str(p)!r} is too short ({len(text)} characters); the training text must have at least "
-            f"{MIN_TEXT_CHARS} characters so train, validation and test splits are all non-empty"
-        )
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes: a run records it so a changed training text is noticed later."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
@@ -314,7 +330,7 @@ def build_tokenizer(text: str, kind: str = "char", vocab_size: int = 1024, unk: 
     if kind == "char":
         return CharTokenizer.from_text(text, unk=unk)
     if unk is not None:
-        raise DataError(f"--unk is for the char tokenizer only; the {kind} tokenizer handles unknowns itself")
+        raise DataError(f"train.unk is for the char tokenizer only; the {kind} tokenizer handles unknowns itself")
     return BPETokenizer.train(text, vocab_size=vocab_size, kind=kind)
 
 

@@ -26,7 +26,7 @@ from .checkpoint import (
     write_json,
 )
 from .config import ConfigError
-from .data import _encode_tensor, load_text, split_ids, tokenizer_from_dict
+from .data import DataError, _encode_tensor, file_sha256, load_text, split_ids, tokenizer_from_dict
 from .model import SpikeDecoder
 
 
@@ -121,9 +121,44 @@ def split_ids_for(meta: dict, tokenizer, split: str) -> Tensor:
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
     train = meta.get("train", {})
-    ids = _encode_tensor(tokenizer, load_text(train.get("data")))
+    ids = _encode_tensor(tokenizer, training_text(meta))
     parts = split_ids(ids, train.get("val_frac", 0.05), train.get("test_frac", 0.05))
     return parts[SPLITS.index(split)]
+
+
+def data_source(path: str | None) -> dict[str, str] | None:
+    """What a run records about its training file: the absolute path and the SHA-256 of its bytes."""
+    if path is None:
+        return None
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+
+def training_text(meta: dict) -> str:
+    """The text a checkpoint was trained on, found from any directory through the recorded absolute path; a file
+    that moved or changed since training is an error, since its splits would no longer be the run's. Runs from
+    before paths and hashes were recorded (no `data_file`) read the path as it was given."""
+    data = meta.get("train", {}).get("data")
+    source = meta.get("data_file")
+    if data is None:
+        return load_text(None)
+    other = "; or measure another text with `spikedecoder evaluate RUN --data FILE`"
+    if source is None:
+        if not Path(data).is_file():
+            raise DataError(
+                f"this run was trained on {data!r}, a path relative to the directory it was trained in (it predates "
+                f"recorded absolute paths): run from that directory{other}"
+            )
+        return load_text(data)
+    path = Path(source["path"])
+    if not path.is_file():
+        raise DataError(f"the run's training text {str(path)!r} has moved or been deleted: put it back{other}")
+    digest = file_sha256(path)
+    if digest != source["sha256"]:
+        raise DataError(
+            f"the run's training text {str(path)!r} changed since training (sha256 {source['sha256'][:12]}... then, "
+            f"{digest[:12]}... now), so its splits are not the ones the model was validated on: restore it{other}"
+        )
+    return load_text(path)
 
 
 def validation_ids(meta: dict, tokenizer) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .data import eval_batches
@@ -91,15 +92,24 @@ def evaluate(
     batch_size: int = 64,
     max_batches: int | None = None,
     runtime: Runtime | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Loss, bits per char (char) or perplexity (tokens), and next-token accuracy over the whole split.
 
-    With a distributed runtime, rank r takes batches r, r + world, ... and the sums are added over the ranks."""
+    With a distributed runtime, rank r takes batches r, r + world, ... and the sums are added over the ranks.
+    progress: a bar on stderr once the evaluation has run for a second (so short ones print nothing)."""
     rt = runtime or Runtime(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for i, (x, y) in enumerate(eval_batches(ids, model.config.max_len, batch_size)):
+    block = model.config.max_len
+    full = max(len(ids) - 1, 0) // block
+    n_batches = -(-full // batch_size) + int(full * block < len(ids) - 1)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    batches = eval_batches(ids, block, batch_size)
+    bar = tqdm(batches, total=n_batches, disable=not progress, delay=1.0, leave=False, desc="evaluate", unit="batch")
+    for i, (x, y) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
         if i % rt.world != rt.rank:
@@ -111,6 +121,7 @@ def evaluate(
         total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
+    bar.close()
     model.train(was_training)
     if rt.world > 1:
         total_loss, correct, count = rt.all_sum([total_loss, correct, count])

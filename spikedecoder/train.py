@@ -33,7 +33,7 @@ from .config import SpikeDecoderConfig
 from .data import TokenData, get_batch, load_text, unit_name
 from .model import SpikeDecoder
 from .optim import TrainingDiverged, grad_norm, learning_rate, lm_loss, param_groups
-from .rundir import Logger, has_checkpoint, rank_key, restore_training_state, rng_state, save_checkpoint
+from .rundir import Logger, data_source, has_checkpoint, rank_key, restore_training_state, rng_state, save_checkpoint
 from .runtime import Runtime, evaluate, setup_runtime
 from .settings import TrainConfig
 
@@ -100,6 +100,7 @@ def _train(
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU, the same on every rank
     meta: dict[str, Any] = {"train": dataclasses.asdict(cfg), "step": 0, "history": [], "train_seconds": 0.0}
+    meta["data_file"] = data_source(cfg.data)
     last_saved: int | None = None
     if resume and has_checkpoint(run_dir):
         start_meta = restore_training_state(run_dir, model, opt, gen, rt.device, rt.rank)

@@ -3,6 +3,7 @@ message (no traceback) for bad configs, prompts and checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -118,6 +119,77 @@ def test_evaluate_plain_text(run: Path, capsys) -> None:
     assert main(["evaluate", str(run)]) == 0
     out = capsys.readouterr().out
     assert "bits_per_char:" in out and "split: val" in out
+
+
+def copy_run(run: Path, to: Path, **meta_changes) -> Path:
+    """A copy of a run whose training.json has some top-level keys replaced (None deletes the key)."""
+    (to / "checkpoint").mkdir(parents=True)
+    for f in (run / "checkpoint").iterdir():
+        (to / "checkpoint" / f.name).write_bytes(f.read_bytes())
+    path = to / "checkpoint" / "training.json"
+    meta = json.loads(path.read_text())
+    for key, value in meta_changes.items():
+        meta.pop(key) if value is None else meta.__setitem__(key, value)
+    path.write_text(json.dumps(meta))
+    return to
+
+
+def test_evaluate_any_text_unknown_characters_listed_or_skipped(run: Path, tmp_path: Path, capsys) -> None:
+    clean = "the keeper lit the lamp, and the ships came home.\n" * 8
+    dirty = tmp_path / "dirty.txt"
+    dirty.write_text(clean.replace("lamp", "lamp~Z", 3).replace("home", "home~", 1))
+    (tmp_path / "clean.txt").write_text(clean)
+    fails_with(
+        capsys,
+        ["evaluate", str(run), "--data", str(dirty)],
+        "2 character(s) the model's vocabulary lacks (7 occurrences): '~', 'Z'",
+        "pass --unknown skip",
+    )
+    assert main(["evaluate", str(run), "--data", str(dirty), "--unknown", "skip", "--json"]) == 0
+    skipped = json.loads(capsys.readouterr().out)
+    assert skipped["skipped_chars"] == 7 and skipped["data"] == str(dirty.resolve()) and "split" not in skipped
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "clean.txt"), "--json"]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    assert reference["skipped_chars"] == 0 and reference["tokens"] == len(clean) - 1  # the whole file
+    for key in ("loss", "bits_per_char", "accuracy", "tokens"):
+        assert skipped[key] == reference[key], key  # skipping = evaluating the text without those characters
+    assert skipped["bits_per_char"] == pytest.approx(skipped["loss"] / 0.6931471805599453)
+    fails_with(capsys, ["evaluate", str(run), "--data", str(dirty), "--split", "test"], "--split picks a part")
+    fails_with(capsys, ["evaluate", str(run), "--data", str(tmp_path / "nope.txt")], "nope.txt' does not exist")
+
+
+def test_evaluate_finds_the_training_text_from_anywhere(
+    run: Path, data_file: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    meta = json.loads((run / "checkpoint" / "training.json").read_text())
+    assert meta["data_file"] == {
+        "path": str(data_file.resolve()),
+        "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+    }
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    # trained on a relative path: the recorded absolute path finds the file from another directory
+    text = tmp_path / "texts" / "harbour.txt"
+    text.parent.mkdir()
+    text.write_bytes(data_file.read_bytes())
+    source = {"path": str(text), "sha256": meta["data_file"]["sha256"]}
+    moved = copy_run(run, tmp_path / "rel", train={**meta["train"], "data": "harbour.txt"}, data_file=source)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == expected["loss"]
+    text.write_text(TEXT.replace("harbour", "harbor"))
+    fails_with(capsys, ["evaluate", str(moved)], "harbour.txt' changed since training", "--data FILE")
+    text.unlink()
+    fails_with(capsys, ["evaluate", str(moved)], "harbour.txt' has moved or been deleted", "--data FILE")
+    # a run from before hashes: its relative path works from the training directory only
+    old = copy_run(run, tmp_path / "old", train={**meta["train"], "data": "harbour.txt"}, data_file=None)
+    fails_with(capsys, ["evaluate", str(old)], "a path relative to the directory it was trained in")
+    monkeypatch.chdir(data_file.parent)
+    assert main(["evaluate", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == expected["loss"]
 
 
 def test_generate_streams_a_continuation(run: Path, capsys) -> None:

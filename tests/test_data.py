@@ -187,7 +187,7 @@ def test_char_unknown_characters_are_listed():
     msg = str(info.value)
     assert "'x', 'y', '\\n'" in msg  # repr'd, deduplicated, first-seen order
     assert msg.count("'x'") == 1
-    assert "--unk" in msg and "training text" in msg
+    assert "--set train.unk='?'" in msg and "training text" in msg  # an option that exists (there is no --unk)
     assert info.value.chars == ["x", "y", "\n"]
     assert isinstance(info.value, DataError)
 
