@@ -1,4 +1,4 @@
-"""Command line: `spikedecoder train | compare | generate | evaluate | info | energy | study`."""
+"""Command line: `spikedecoder train | compare | generate | evaluate | info | energy | study | serve`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ EXAMPLES = {
   spikedecoder energy runs/make-run/spikedecoder --baseline runs/make-run/ann
   spikedecoder energy runs/snn --baseline-preset ann --preset fp16 --json
   spikedecoder energy runs/snn --baseline runs/ann --plot energy.png""",
+    "serve": """examples:
+  spikedecoder serve runs/make-run/spikedecoder --baseline runs/make-run/ann     # then open http://127.0.0.1:8000/
+  curl -N 'http://127.0.0.1:8000/api/generate?prompt=ROMEO:&tokens=20&seed=0'""",
     "study": """examples:
   spikedecoder study configs/studies/default.toml --out runs/study
   spikedecoder study configs/studies/toy.toml --out /tmp/toy        # a two-variant smoke run""",
@@ -197,6 +200,12 @@ def encode_file(tokenizer: Any, path: str, unknown: str) -> tuple[Any, int]:
         return _encode_tensor(tokenizer, kept), sum(counts.values())
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run
+
+    return run(args)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .model import SpikeDecoder
 
@@ -300,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = command("energy", "Measured energy per token of a model (and its ANN baseline), every operation priced.")
         energy.add_arguments(p)
         p.set_defaults(func=energy.run)
+
+    p = command("serve", "A local web page: generate token by token and watch each token's energy and spikes.")
+    p.set_defaults(func=cmd_serve)
+    p.add_argument("checkpoint", help="run or checkpoint directory of the (spiking) model to serve")
+    p.add_argument("--baseline", metavar="ANN_RUN", help="run of the ANN twin: its energy on the same tokens")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--preset", default="fp32", choices=("fp32", "fp16", "int8"), help="energy per operation")
 
     try:
         from . import study
