@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-browser lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The served page in headless Chromium: Debian's chromium + chromium-driver (apt-get, only if missing; sudo unless
+# root) and selenium; SPIKEDECODER_REQUIRE_BROWSER=1 makes a missing browser a failure instead of a skip.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+	$(PY) -c 'import selenium' 2>/dev/null || $(PY) -m pip install -q -e '.[browser]'
+	SPIKEDECODER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spikedecoder tests benchmarks

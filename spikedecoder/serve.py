@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import DataError
+from .data import UnknownCharacterError
 from .generate import _check_sampling, _Detokenizer, _Window, sample_next
 from .layers import batch_invariant
 from .neurons import LIF
@@ -154,8 +154,12 @@ def parse_request(query: dict[str, str]) -> Request:
 def encode_prompt(engine: Engine, prompt: str) -> list[int]:
     try:
         ids = list(engine.tokenizer.encode(prompt))
-    except DataError as exc:
-        raise BadRequest(f"the prompt has {exc}") from None
+    except UnknownCharacterError as exc:
+        shown = ", ".join(repr(c) for c in exc.chars[:20]) + (" ..." if len(exc.chars) > 20 else "")
+        raise BadRequest(
+            f"the prompt has {len(exc.chars)} character(s) the model never saw in training: {shown}; "
+            "use only characters of its training text"
+        ) from None
     if not ids:
         raise BadRequest(f"the tokenizer encodes the prompt {prompt!r} to no tokens; give a longer prompt")
     return ids
