@@ -68,7 +68,7 @@ def serving(run: Path, baseline: Path | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1500, height: int = 1010):
+def chromium(width: int = 1500, height: int = 1150):
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service

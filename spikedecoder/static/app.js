@@ -159,6 +159,12 @@ function drawHistory() {
   }
   g.fillStyle = COLORS.muted;
   steps.forEach((s, i) => s.refill && g.fillRect(x(i) - 1, pad.t, 2, h - pad.t - pad.b));
+  const legend = [["spiking", COLORS.snn], ...(info && info.baseline ? [["ANN", COLORS.ann]] : [])];
+  legend.forEach(([name, color], i) => {
+    g.fillStyle = color;
+    g.fillRect(w - 150 + 75 * i, pad.t + 6, 14, 3);
+    g.fillText(name, w - 132 + 75 * i, pad.t + 11);
+  });
   g.lineWidth = 1;
 }
 
