@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,24 @@ def test_evaluate_any_text_unknown_characters_listed_or_skipped(run: Path, tmp_p
     assert skipped["bits_per_char"] == pytest.approx(skipped["loss"] / 0.6931471805599453)
     fails_with(capsys, ["evaluate", str(run), "--data", str(dirty), "--split", "test"], "--split picks a part")
     fails_with(capsys, ["evaluate", str(run), "--data", str(tmp_path / "nope.txt")], "nope.txt' does not exist")
+
+
+def test_evaluate_bpe_reports_perplexity_and_bits_per_char(tmp_path: Path, data_file: Path, capsys) -> None:
+    out = tmp_path / "bpe"
+    bpe = ["--set", "train.tokenizer=bpe", "--set", "train.vocab_size=300", "--steps", "3"]
+    assert main(["train", "--preset", "ann", *TINY, *bpe, "--data", str(data_file), "--out", str(out)]) == 0
+    text = tmp_path / "other.txt"
+    text.write_text("the keeper climbed the stair; ships came home.\n" * 5)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(text), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    from spikedecoder.train import load_checkpoint
+
+    tokenizer = load_checkpoint(out)[1]
+    ids = tokenizer.encode(text.read_text())
+    assert m["tokens"] == len(ids) - 1 and m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    assert m["chars"] == len(text.read_text()) - len(tokenizer.decode(ids[:1]))  # the characters predicted
+    assert m["bits_per_char"] == pytest.approx(m["loss"] * m["tokens"] / math.log(2) / m["chars"])
 
 
 def test_evaluate_finds_the_training_text_from_anywhere(
