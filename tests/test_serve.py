@@ -146,6 +146,13 @@ def test_two_streams_at_once_are_each_what_they_would_be_alone(client: TestClien
         assert strip == [{key: v for key, v in e.items() if key != "ms"} for e in alone[k]], k
 
 
+def test_without_a_baseline_events_carry_the_spiking_model_only(engine: serve.Engine) -> None:
+    alone = TestClient(serve.create_app(serve.Engine(engine.model, engine.tokenizer)))
+    got = events(alone, prompt="the", tokens=3, seed=0)
+    assert len(got) == 3 and all("ann_pj" not in e and "saving_percent" not in e and e["pj"] > 0 for e in got)
+    assert alone.get("/api/info").json()["baseline"] is None
+
+
 def test_the_page_is_served_from_local_files_only(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text
