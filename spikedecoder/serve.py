@@ -2,7 +2,7 @@
 
 Every new token comes from one incremental-decoding step (the cached forward generation runs; the first one is the
 prompt's prefill, and a refill follows each slide of the window). The same step is counted by the energy counter
-(`stepenergy.step_energy`) and priced; with a baseline (the ANN twin), the baseline runs its own cached step on the
+(`energy.step_energy`) and priced; with a baseline (the ANN twin), the baseline runs its own cached step on the
 same tokens and is priced the same way. The page (spikedecoder/static/, no external resources) and scripts use
 `GET /api/generate`, which streams one Server-Sent Event per token.
 
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from .data import UnknownCharacterError
+from .energy import StepEnergy, deployed, step_energy
 from .generate import _check_sampling, _Detokenizer, _Window, sample_next
 from .layers import batch_invariant
 from .neurons import LIF
-from .stepenergy import StepEnergy, deployed, step_energy
 
 STATIC = Path(__file__).parent / "static"
 MAX_TOKENS = 1000  # per request
@@ -276,7 +276,7 @@ def check_host(host: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .train import load_checkpoint
+    from .rundir import load_checkpoint
 
     check_host(args.host)
     if not 0 < args.port < 65536:

@@ -13,7 +13,17 @@ from torch import nn
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
 from spikedecoder.attention import SoftmaxAttention, causal_mask
-from spikedecoder.energy import PRESETS, compare_reports, count_ops, energy_report, energy_scope, subblock
+from spikedecoder.energy import (
+    PRESETS,
+    compare_reports,
+    count_ops,
+    decode_report,
+    deployed,
+    energy_report,
+    energy_scope,
+    step_energy,
+    subblock,
+)
 from spikedecoder.layers import LinearNorm, batch_invariant
 from spikedecoder.neurons import LIF
 
@@ -437,11 +447,54 @@ def test_cli_energy_table_json_and_plot(tmp_path, capsys):
     assert result["model"]["tokens"] == 2 * 16 and result["model"]["firing_rates"]
     c = result["comparison"]
     assert c["ann_pj_per_token"] == pytest.approx(result["baseline"]["total_pj_per_token"])
+    decode = [result[k]["decode"]["pj_per_token"] for k in ("model", "baseline")]
+    assert c["decode_saving_percent"] == pytest.approx(100 * (1 - decode[0] / decode[1]))
     assert png.stat().st_size > 10_000
 
     assert main(["energy", snn_dir, "--baseline-preset", "ann", "--windows", "1", "--preset", "fp16"]) == 0
     table = capsys.readouterr().out
     assert "saving:" in table and "attention.qkv" in table and "firing rates" in table and "fp16" in table
+    assert "decoding step" in table and "incremental decoding (one cached step per token):" in table
+
+
+# ---------------------------------------------------------------------------------------------- incremental decoding
+def test_ann_decoding_steps_grow_by_one_keys_attention_per_position():
+    """Softmax attention's cached step reads one more key per position: each step costs exactly one key's
+    attention math more than the last (scale the key, a score, softmax on it, its value), per head and layer."""
+    model = tiny_model("ann")
+    idx = ids(batch=3, length=16)
+    r = decode_report(model, idx)
+    steps = r["step_pj"]
+    assert r["positions"] == [8, 15] and len(steps) == 8 and r["pj_per_token"] == pytest.approx(sum(steps) / 8)
+    p, cfg = PRESETS["fp32"].prices(), model.config
+    d = cfg.n_embd // cfg.n_head
+    per_key = cfg.n_layer * cfg.n_head * (2 * d * p["mac"] + (d + 1) * p["mul"] + p["cmp"] + 2 * p["add"] + p["exp"])
+    growth = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert max(growth) - min(growth) < 1e-6  # linear in the keys: the cache is used, nothing is recomputed
+    # the additive causal mask, all zeros in a decoding step, is charged one add per key and head on top
+    assert per_key <= growth[0] <= per_key + cfg.n_layer * cfg.n_head * p["add"] + 1e-6
+
+
+@pytest.mark.parametrize("codes", [{}, {"encoding": "rate", "token_code": "float"}])  # rate: steps draw spikes
+def test_step_energy_is_the_decoding_step_and_leaves_the_cache_alone(codes):
+    model = tiny_model("spikedecoder", **codes)
+    idx = ids(batch=2, length=16)
+    torch.manual_seed(0)
+    steps = decode_report(model, idx)["step_pj"]
+    counted = deployed(model)
+    cache = counted.new_cache()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        counted(idx[:, :8], cache)
+    before = [dict(layer) for layer in cache.layers]
+    rng = torch.get_rng_state()
+    one = step_energy(counted, idx[:, 8:9], cache)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    assert cache.length == 8 and all(  # so is the cache
+        all(torch.equal(layer[k], old[k]) for k in old) for layer, old in zip(cache.layers, before, strict=True)
+    )
+    assert one.tokens == 2 and set(one.firing) and all(0 <= f <= 1 for f in one.firing.values())
+    assert one.pj == pytest.approx(steps[0] * 2)  # the report's first cached step, B = 2 windows at once
 
 
 # ---------------------------------------------------------------------------------------------- SpikingJelly

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient  # noqa: E402
 import spikedecoder.serve as serve  # noqa: E402
 from spikedecoder.config import SpikeDecoderConfig  # noqa: E402
 from spikedecoder.data import CharTokenizer  # noqa: E402
-from spikedecoder.energy import PRESETS, _price, count_ops  # noqa: E402
+from spikedecoder.energy import PRESETS, count_ops  # noqa: E402
 from spikedecoder.generate import generate_text  # noqa: E402
 from spikedecoder.model import SpikeDecoder  # noqa: E402
 from spikedecoder.neurons import LIF  # noqa: E402
@@ -56,7 +56,7 @@ def events(client: TestClient, **params) -> list[dict]:
 def priced(model: SpikeDecoder, idx: torch.Tensor, cache) -> float:
     ops = count_ops(model, idx, cache=cache)
     prices = PRESETS["fp32"].prices()
-    return sum(_price(kinds, prices) for kinds in ops.counts.values())
+    return sum(n * prices[kind] for kinds in ops.counts.values() for kind, n in kinds.items() if kind in prices)
 
 
 def test_one_event_per_token_with_text_energy_and_firing(client: TestClient, engine: serve.Engine) -> None:

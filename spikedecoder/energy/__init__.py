@@ -5,7 +5,18 @@ that modules declare in energy_places.py), the 45 nm pricing and report (pricing
 from ..energy_places import energy_scope
 from .counter import count_ops
 from .counts import OpCounts, is_binary
-from .pricing import KINDS, PRESETS, EnergyModel, compare_reports, energy_report, subblock
+from .pricing import (
+    KINDS,
+    PRESETS,
+    EnergyModel,
+    StepEnergy,
+    compare_reports,
+    decode_report,
+    deployed,
+    energy_report,
+    step_energy,
+    subblock,
+)
 from .report import add_arguments, format_table, plot_reports, run, validation_windows
 
 __all__ = [
@@ -13,15 +24,19 @@ __all__ = [
     "PRESETS",
     "EnergyModel",
     "OpCounts",
+    "StepEnergy",
     "add_arguments",
     "compare_reports",
     "count_ops",
+    "decode_report",
+    "deployed",
     "energy_report",
     "energy_scope",
     "format_table",
     "is_binary",
     "plot_reports",
     "run",
+    "step_energy",
     "subblock",
     "validation_windows",
 ]

@@ -389,12 +389,13 @@ class _FusedKernels(TorchFunctionMode):
             self.counter.kernel_products = None
 
 
-def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True) -> OpCounts:
+def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True, cache: Any = None) -> OpCounts:
     """Every operation of one inference forward of `model` on token ids `idx` (B, S), by place and kind.
 
     The model runs in eval mode without gradients (its mode is restored), LIF neurons on their reference loop
     backend (same spikes), Linear layers unchunked. skip_masked=False also charges the products a causal mask
-    discards (SpikingJelly's convention; used by the cross-check)."""
+    discards (SpikingJelly's convention; used by the cross-check). With a decoding `cache` (model.new_cache()),
+    the forward is the incremental step model(idx, cache): idx holds only the new tokens, and the cache advances."""
     was_training = model.training
     lifs = [m for m in model.modules() if isinstance(m, LIF)]
     backends = [m.backend for m in lifs]
@@ -404,7 +405,7 @@ def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True) -> OpCoun
             m.backend = "loop"
         counter = _OpCounter(model, skip_masked)
         with torch.no_grad(), batch_invariant(False), counter, _FusedKernels(counter):
-            model(idx)
+            model(idx) if cache is None else model(idx, cache)
     finally:
         for m, backend in zip(lifs, backends, strict=True):
             m.backend = backend

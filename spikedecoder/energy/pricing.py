@@ -4,7 +4,8 @@ stated in `EnergyModel`; their counts are in the report to reprice). Memory (`me
 weight used by a MAC/AC and per embedding element looked up.
 
 The report sums per place, per sub-block (summed over blocks), per block and per kind; `compare_reports` sets a
-model beside its baseline.
+model beside its baseline. `step_energy` prices one incremental-decoding step (what `spikedecoder serve` shows per
+token) and `decode_report` the mean of such steps over validation windows (the energy report's decoding figure).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .counter import count_ops
@@ -140,6 +142,62 @@ def energy_report(
     }
 
 
+# ---------------------------------------------------------------------------------------------- incremental decoding
+@dataclass
+class StepEnergy:
+    """One forward step: pj for the whole step, the tokens it fed (1 per row for a cached step), firing rates."""
+
+    pj: float
+    tokens: int
+    firing: dict[str, float]
+
+
+def deployed(model: nn.Module) -> nn.Module:
+    """An eval copy with BatchNorm/PowerNorm folded into their Linear, as the energy figures measure models."""
+    model = copy.deepcopy(model).eval()
+    if hasattr(model, "fold_norms"):
+        model.fold_norms()
+    return model
+
+
+def step_energy(model: nn.Module, idx: Tensor, cache: Any, preset: str = "fp32", memory: bool = False) -> StepEnergy:
+    """The step incremental decoding runs, model(idx, cache), counted and priced. It runs on a copy of the cache
+    with the global RNG restored afterwards, so the caller's cache does not advance and a rate-coded model then
+    draws the same spikes in the real step. Pass the model as deployed (`deployed`)."""
+    with torch.random.fork_rng(devices=[]):
+        ops = count_ops(model, idx, cache=copy.deepcopy(cache))
+    prices = PRESETS[preset].prices(memory)
+    return StepEnergy(sum(_price(k, prices) for k in ops.counts.values()), int(idx.numel()), ops.firing_rates())
+
+
+def decode_report(
+    model: nn.Module, idx: Tensor, preset: str = "fp32", memory: bool = False, fold: bool = True
+) -> dict[str, Any]:
+    """Per-token energy of incremental decoding on windows idx (B, S): the first half of each window is prefilled
+    into the model's cache, then its other tokens go in one at a time, each cached step counted as it runs (the B
+    windows side by side: a step's energy over B is its figure per token). Softmax attention's steps grow with the
+    K/V cache; spiking attention's running sums keep them flat."""
+    if idx.shape[1] < 2:
+        raise ValueError("incremental decoding needs windows of at least 2 tokens (a prefill and a cached step)")
+    model = deployed(model) if fold else model.eval()
+    prices = PRESETS[preset].prices(memory)
+    first = idx.shape[1] // 2
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(idx[:, :first], cache)
+    steps = []
+    for j in range(first, idx.shape[1]):
+        ops = count_ops(model, idx[:, j : j + 1], cache=cache)  # the counted forward is the step: the cache advances
+        steps.append(sum(_price(k, prices) for k in ops.counts.values()) / idx.shape[0])
+    return {
+        "pj_per_token": sum(steps) / len(steps),
+        "first_step_pj": steps[0],
+        "last_step_pj": steps[-1],
+        "positions": [first, idx.shape[1] - 1],
+        "step_pj": steps,
+    }
+
+
 def compare_reports(snn: dict[str, Any], ann: dict[str, Any]) -> dict[str, Any]:
     """How much less energy per token the first model needs than the baseline, overall and per sub-block."""
     if snn["energy_preset"] != ann["energy_preset"] or snn["memory"] != ann["memory"]:
@@ -164,4 +222,9 @@ def compare_reports(snn: dict[str, Any], ann: dict[str, Any]) -> dict[str, Any]:
         "per_subblock_pj": {
             n: {"snn": snn["per_subblock_pj"].get(n, 0.0), "ann": ann["per_subblock_pj"].get(n, 0.0)} for n in names
         },
+        **(
+            {"decode_saving_percent": 100.0 * (1.0 - snn["decode"]["pj_per_token"] / ann["decode"]["pj_per_token"])}
+            if "decode" in snn and "decode" in ann
+            else {}
+        ),
     }

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .pricing import KINDS, PRESETS, compare_reports, energy_report
+from .pricing import KINDS, PRESETS, compare_reports, decode_report, energy_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     report = energy_report(model, idx, args.preset, args.memory, fold=not args.no_fold)
     report["label"] = model.config.preset
     report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
+    decode = idx.shape[1] >= 2  # incremental decoding: a prefilled half window, then cached one-token steps
+    if decode:
+        report["decode"] = decode_report(model, idx, args.preset, args.memory, fold=not args.no_fold)
     result: dict[str, Any] = {"model": report}
     if args.baseline or args.baseline_preset:
         if args.baseline:
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         base_idx = idx[:, : base_model.config.max_len]
         base = energy_report(base_model, base_idx, args.preset, args.memory, fold=not args.no_fold)
         base["label"] = base_model.config.preset + ("" if args.baseline else " (untrained)")
+        if decode and base_idx.shape[1] >= 2:
+            base["decode"] = decode_report(base_model, base_idx, args.preset, args.memory, fold=not args.no_fold)
         result["baseline"] = base
         result["comparison"] = compare_reports(report, base)
     if args.plot:
@@ -116,6 +121,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{n:<18}" + "".join(f"{r['per_subblock_pj'].get(n, 0.0):>21.1f} pJ" for r in reports))
     lines.append(f"{'total':<18}" + "".join(f"{r['total_pj_per_token']:>21.1f} pJ" for r in reports))
     lines.append(f"{'(nnz*fan-out)':<18}" + "".join(f"{r['total_pj_per_token_fanout']:>21.1f} pJ" for r in reports))
+    if all("decode" in r for r in reports):
+        d = first["decode"]
+        lines.append(f"{'decoding step':<18}" + "".join(f"{r['decode']['pj_per_token']:>21.1f} pJ" for r in reports))
+        lines.append(
+            f"  (per-token energy of incremental decoding: each window's first {d['positions'][0]} tokens prefilled, "
+            f"then one cached step per token at positions {d['positions'][0]}-{d['positions'][1]}, counted as run)"
+        )
     if "comparison" in result:
         c = result["comparison"]
         lines += [
@@ -125,6 +137,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"matrix products only (the paper's scope): {c['saving_percent_synaptic']:.1f} % exact, "
             f"{c['saving_percent_synaptic_fanout']:.1f} % nnz*fan-out",
         ]
+        if "decode_saving_percent" in c:
+            lines.append(f"incremental decoding (one cached step per token): {c['decode_saving_percent']:.1f} %")
     lines += ["", f"{'ops per token':<18}" + "".join(f"{r.get('label', 'model'):>24}" for r in reports)]
     for kind in (*KINDS, "ac_fanout"):
         lines.append(f"{kind:<18}" + "".join(f"{r['ops_per_token'].get(kind, 0):>24,.0f}" for r in reports))
