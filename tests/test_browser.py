@@ -114,7 +114,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     from spikedecoder.config import SpikeDecoderConfig
     from spikedecoder.data import CharTokenizer
     from spikedecoder.model import SpikeDecoder
-    from spikedecoder.train import save_checkpoint
+    from spikedecoder.rundir import save_checkpoint
 
     tokenizer = CharTokenizer.from_text("the keeper lit the lamp and the ships came home\n")
     out = tmp_path_factory.mktemp("runs")

@@ -168,7 +168,7 @@ def test_evaluate_bpe_reports_perplexity_and_bits_per_char(tmp_path: Path, data_
     capsys.readouterr()
     assert main(["evaluate", str(out), "--data", str(text), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    from spikedecoder.train import load_checkpoint
+    from spikedecoder.rundir import load_checkpoint
 
     tokenizer = load_checkpoint(out)[1]
     ids = tokenizer.encode(text.read_text())
