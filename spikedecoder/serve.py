@@ -203,22 +203,19 @@ def token_events(engine: Engine, req: Request, ids: list[int]) -> Iterator[dict[
         seq.append(token)
         step = snn.step
         total += step.pj
-        event: dict[str, Any] = {
-            "index": i,
-            "token": token,
-            "text": detok.push(token),
-            "pj": step.pj,
-            "fed": step.tokens,
-            "total_pj": total,
-            "firing": step.firing,
-            "timestep_rates": {n: s.float().mean(dim=1).tolist() for n, s in snn.spikes.items()},
-            "spikes": {n: _bits(s) for n, s in snn.spikes.items() if s.dim() == 2 and s.shape[1] <= 4096},
-            "ms": 1000 * (time.perf_counter() - start),
-        }
+        event: dict[str, Any] = {"index": i, "token": token, "text": detok.push(token), "pj": step.pj}
         if ann is not None:
             total_ann += ann.step.pj
-            event.update(ann_pj=ann.step.pj, ann_fed=ann.step.tokens, total_ann_pj=total_ann)
-            event["saving_percent"] = 100 * (1 - total / total_ann)
+            event.update(ann_pj=ann.step.pj, saving_percent=100 * (1 - total / total_ann), ann_fed=ann.step.tokens)
+            event["total_ann_pj"] = total_ann
+        event.update(
+            fed=step.tokens,
+            total_pj=total,
+            firing=step.firing,
+            timestep_rates={n: s.float().mean(dim=1).tolist() for n, s in snn.spikes.items()},
+            spikes={n: _bits(s) for n, s in snn.spikes.items() if s.dim() == 2 and s.shape[1] <= 4096},
+            ms=1000 * (time.perf_counter() - start),
+        )
         if i == req.tokens - 1:
             event["text"] += detok.flush()
         yield event
