@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -278,6 +279,13 @@ def run(args: argparse.Namespace) -> int:
     check_host(args.host)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: choose a port between 1 and 65535, e.g. 8000")
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            msg = f"--port {args.port}: cannot listen on {args.host} ({exc.strerror}); choose another port"
+            raise ValueError(msg) from None
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     baseline = load_checkpoint(args.baseline)[0] if args.baseline else None

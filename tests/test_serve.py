@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import threading
 from pathlib import Path
 
@@ -174,6 +175,13 @@ def test_serve_listens_on_loopback_only(capsys) -> None:
     assert main(["serve", "runs/none", "--host", "0.0.0.0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "--host 0.0.0.0: serve listens on this machine only" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "runs/none", "--port", port]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"--port {port}: cannot listen on 127.0.0.1" in err and "choose another port" in err
     serve.check_host("127.0.0.1")
     serve.check_host("::1")
     serve.check_host("localhost")
