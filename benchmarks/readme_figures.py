@@ -1,0 +1,124 @@
+"""Write the README's measured tables from results files, so every figure there comes from a named command.
+
+    python benchmarks/readme_figures.py --run runs/make-run [--recall recall.json] [--decode decode.json]
+        [--readme README.md] [--check]
+
+Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` in the README and is replaced whole:
+- make-run: `runs/make-run/results.json` (written by `make run`) -> params, steps, train seconds, val bits/char;
+- energy: `spikedecoder energy RUN/spikedecoder --baseline RUN/ann` recomputed here (4 validation windows, fp32),
+  the per-sub-block table and the savings;
+- recall: the JSON of `python benchmarks/recall.py --json` (one row per variant);
+- decode: the JSON of `python benchmarks/decode.py --json` (one row per width and engine).
+A block whose source is not given is left as it is. `--check` changes nothing and exits 1 if a block would change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from spikedecoder.energy import compare_reports, energy_report, validation_windows
+from spikedecoder.rundir import load_checkpoint, validation_ids
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    rule = align or "|" + "---|" * len(header)
+    return "\n".join(["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def make_run_block(run: Path) -> str:
+    results = json.loads((run / "results.json").read_text())
+    rows = []
+    for name, r in results.items():
+        val = r["val"]
+        rows.append(
+            [name, f"{r['params']:,}", f"{r['step']:,}", f"{r['train_seconds']:.0f}"]
+            + [f"**{val['bits_per_char']:.3f}**", f"{val['accuracy']:.3f}"]
+        )
+    header = ["model", "params", "steps", "train s", "val bits/char", "val accuracy"]
+    return table(header, rows, "|---|---:|---:|---:|---:|---:|") + f"\n\nFrom `{run}/results.json`."
+
+
+def energy_block(run: Path, windows: int = 4) -> str:
+    model, tokenizer, meta = load_checkpoint(run / "spikedecoder")
+    base = load_checkpoint(run / "ann")[0]
+    idx = validation_windows(validation_ids(meta, tokenizer), model.config.max_len, windows)
+    snn, ann = energy_report(model, idx), energy_report(base, idx[:, : base.config.max_len])
+    c = compare_reports(snn, ann)
+    rows = [[place, f"{v['snn']:,.0f}", f"{v['ann']:,.0f}"] for place, v in sorted(c["per_subblock_pj"].items())]
+    rows.append(["**total**", f"**{c['snn_pj_per_token']:,.0f}**", f"**{c['ann_pj_per_token']:,.0f}**"])
+    lines = [
+        table(["sub-block (pJ per token, fp32, both blocks)", "spikedecoder", "ann"], rows, "|---|---:|---:|"),
+        "",
+        f"Saving **{c['saving_percent']:.1f} %** with exact counts ({c['saving_percent_fanout']:.1f} % with the "
+        f"paper's nnz × fan-out counts); matrix products only (the paper's scope): "
+        f"{c['saving_percent_synaptic']:.1f} % exact, {c['saving_percent_synaptic_fanout']:.1f} % nnz × fan-out. "
+        f"Mean firing rate {snn['mean_firing_rate']:.3f}. Measured on {windows} validation windows of "
+        f"{model.config.max_len} tokens by `spikedecoder energy {run}/spikedecoder --baseline {run}/ann`.",
+    ]
+    return "\n".join(lines)
+
+
+def recall_block(path: Path) -> str:
+    results = json.loads(path.read_text())["results"]
+    columns = [("mqar", 4), ("mqar", 8), ("mqar", 16), ("copy", None)]
+    by_variant: dict[str, dict] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], {})[(r["task"], r["pairs"])] = r["accuracy"]
+    rows = [[v, *(f"{acc[c]:.3f}" if c in acc else "-" for c in columns)] for v, acc in by_variant.items()]
+    header = ["variant", "MQAR 4 pairs", "MQAR 8 pairs", "MQAR 16 pairs", "copy"]
+    return table(header, rows, "|---|---:|---:|---:|---:|") + f"\n\nFrom `{path.name}` (`benchmarks/recall.py --json`)."
+
+
+def decode_block(path: Path) -> str:
+    rows = json.loads(path.read_text())["rows"]
+    out = [
+        [str(r["width"]), r["engine"], f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.0f}"]
+        + [f"{r['weight_bytes_per_token'] / 2**20:.2f}"]
+        for r in rows
+    ]
+    header = ["width", "engine", "ms / token", "tokens / s", "weight MiB read / token"]
+    return table(header, out, "|---:|---|---:|---:|---:|") + f"\n\nFrom `{path.name}` (`benchmarks/decode.py --json`)."
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- figures:{name} -->\n)(?:.*?\n)?(<!-- /figures:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README has no <!-- figures:{name} --> ... <!-- /figures:{name} --> block; add one")
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="a `make run` output folder (results.json, spikedecoder/, ann/)")
+    parser.add_argument("--recall", type=Path, help="JSON written by benchmarks/recall.py --json")
+    parser.add_argument("--decode", type=Path, help="JSON written by benchmarks/decode.py --json")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README would change; write nothing")
+    args = parser.parse_args()
+    for path in (args.run, args.recall, args.decode):
+        if path is not None and not path.exists():
+            raise SystemExit(f"error: {path} does not exist; run the command that writes it first")
+    blocks = {}
+    if args.run:
+        blocks["make-run"] = make_run_block(args.run)
+        blocks["energy"] = energy_block(args.run)
+    if args.recall:
+        blocks["recall"] = recall_block(args.recall)
+    if args.decode:
+        blocks["decode"] = decode_block(args.decode)
+    old = args.readme.read_text()
+    new = old
+    for name, body in blocks.items():
+        new = replace_block(new, name, body)
+    if args.check:
+        sys.exit(0 if new == old else 1)
+    args.readme.write_text(new)
+    print(f"{args.readme}: {', '.join(blocks) or 'nothing'} written" + ("" if new != old else " (unchanged)"))
+
+
+if __name__ == "__main__":
+    main()
