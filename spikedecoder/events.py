@@ -1,0 +1,282 @@
+"""Event-driven inference: the same model, computed the way its spikes allow (issue 11, SPEC section 7).
+
+`to_events(model)` returns an inference-only copy whose answers equal the dense path's up to float summation order.
+It replaces only the modules that receive spikes and leaves every other module (attention, its decoding state, the
+cache, the head's combine) as it is, so a change to the attention mechanism keeps working:
+
+- Linear and Linear+Norm on spikes become `EventLinear` / `EventLinearNorm`: the weight is stored transposed, (in,
+  out), so each input's row is contiguous, and the output is the sum of the rows of the active inputs (accumulate
+  only, `embedding_bag(mode="sum")`), one bag per timestep and token. Rows active at several timesteps of a token
+  are read once from memory and again from cache.
+- Work whose input is identical at every timestep is done once: a tensor whose T axis (dim 0) has stride 0 holds one
+  value for every step (direct encoding expands the embedding that way), so a Linear(+Norm) on it runs on step 0
+  and its output is expanded again (still stride 0, so the next such module skips too).
+- LIF neurons whose spikes only ever reach event Linears emit bool spikes; the others (e.g. Q, K, V, read by the
+  attention's matmuls) keep emitting float 0/1. Which is which is found by tracing one probe forward
+  (`_SpikeUseTracer`): a LIF output may be reshaped or indexed on its way, anything else needs floats.
+
+A Linear is made event-driven when the probe sees it receive spikes (every input value 0 or 1) or a time-invariant
+input; at run time it checks again and falls back to the dense product on an input that is not binary.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .layers import Linear, LinearNorm
+from .neurons import LIF
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def time_invariant(x: Tensor) -> bool:
+    """True when every step along dim 0 is the same memory (an expanded tensor), so one step stands for all."""
+    return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
+
+
+def as_spikes(x: Tensor) -> Tensor | None:
+    """x as bool spikes, or None if x is not binary (then it needs the dense product)."""
+    if x.dtype == torch.bool:
+        return x
+    spikes = x != 0
+    if bool((x[spikes] == 1).all()):
+        return spikes
+    return None
+
+
+def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
+    """sum_i spikes[..., i] * rows[i] + bias without a multiply: each (step, token) is a bag of the rows of its
+    active inputs, summed by embedding_bag. rows: (in, out) contiguous; spikes: (..., in) bool."""
+    lead, fan_in = spikes.shape[:-1], spikes.shape[-1]
+    flat = spikes.reshape(-1, fan_in)
+    active = flat.nonzero()  # (nnz, 2): bag, input; row-major, so grouped by bag in order
+    counts = flat.sum(1)
+    offsets = counts.cumsum(0) - counts
+    out = F.embedding_bag(active[:, 1], rows, offsets, mode="sum")
+    if bias is not None:
+        out += bias
+    return out.reshape(*lead, rows.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class EventLinear(nn.Module):
+    """A Linear computed as a sum of weight rows on spikes, once for a time-invariant input, densely otherwise."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("rows", linear.weight.detach().t().contiguous())  # (in, out): rows contiguous
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if time_invariant(x):
+            return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
+        spikes = as_spikes(x)
+        if spikes is None:  # not spikes after all: the dense product (x @ rows = x W^T)
+            return F.linear(x, self.rows.t(), self.bias)
+        return spike_linear(spikes, self.rows, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, weight rows (in, out)"
+
+
+class EventLinearNorm(nn.Module):
+    """LinearNorm (norms folded) with an EventLinear; a time-invariant input runs Linear and Norm once."""
+
+    def __init__(self, linear_norm: LinearNorm):
+        super().__init__()
+        self.linear = EventLinear(linear_norm.linear)
+        self.norm = linear_norm.norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if time_invariant(x):
+            y = self.norm(self.linear(x[:1]))
+            return y.expand(x.shape[0], *y.shape[1:])
+        return self.norm(self.linear(x))
+
+
+class EventLIF(nn.Module):
+    """Inference LIF: the dense LIF's arithmetic step by step (same rounding, same spikes), bool spikes where every
+    consumer takes them (`emit_bool`), float 0/1 otherwise."""
+
+    def __init__(self, lif: LIF):
+        super().__init__()
+        self.tau, self.decay_input = lif.tau, lif.decay_input
+        self.register_buffer("v_threshold", lif.v_threshold.detach().clone())
+        self.emit_bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
+        x = x.float() if x.dtype == torch.bool else x
+        spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        v = torch.zeros_like(x[0])
+        for t in range(x.shape[0]):
+            h = v + (x[t] - v) / self.tau if self.decay_input else v - v / self.tau + x[t]
+            torch.ge(h - self.v_threshold, 0, out=spikes[t])
+            v = h.masked_fill(spikes[t], 0.0)
+        return spikes if self.emit_bool else spikes.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, decay_input={self.decay_input}, emit_bool={self.emit_bool}"
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+_PASS_THROUGH = {
+    Tensor.reshape, Tensor.view, Tensor.flatten, Tensor.permute, Tensor.transpose, Tensor.__getitem__,
+    Tensor.contiguous, Tensor.unsqueeze, Tensor.squeeze, Tensor.expand, torch.flatten, torch.reshape,
+    torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
+}  # fmt: skip
+
+
+class _SpikeUseTracer(TorchFunctionMode):
+    """Follows each LIF's output through a forward: a LIF may emit bool if its output (or a reshaped / indexed
+    view of it) only reaches event Linears. Any other torch function that takes it marks the LIF as float."""
+
+    def __init__(self):
+        super().__init__()
+        self.owner: dict[int, tuple[EventLIF, Tensor]] = {}  # id(tensor) -> (LIF, tensor kept alive)
+        self.needs_float: set[int] = set()
+        self.depth = 0  # > 0 while inside an event Linear, which takes bool
+
+    def track(self, lif: EventLIF, out: Tensor) -> None:
+        self.owner[id(out)] = (lif, out)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth:
+            return out
+        users = [
+            self.owner[id(a)][0] for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and id(a) in self.owner
+        ]
+        for lif in users:
+            if func in _PASS_THROUGH and isinstance(out, Tensor):
+                self.track(lif, out)
+            elif isinstance(out, Tensor) or (isinstance(out, tuple | list) and any(isinstance(o, Tensor) for o in out)):
+                self.needs_float.add(id(lif))
+        return out
+
+
+def _swap(model: nn.Module, make: dict[type, type]) -> None:
+    """Replace, in place, every child module whose exact type is a key of `make` by make[type](child)."""
+    for name, child in list(model.named_children()):
+        kind = type(child)
+        if kind in make:
+            setattr(model, name, make[kind](child))
+        else:
+            _swap(child, make)
+
+
+@torch.no_grad()
+def _probe(model: nn.Module) -> tuple[set[int], set[int]]:
+    """One forward on a few tokens: ids of the Linear/LinearNorm modules that receive spikes or a time-invariant
+    input."""
+    seen: set[int] = set()
+
+    def record(module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0]
+        if time_invariant(x) or as_spikes(x) is not None:
+            seen.add(id(module))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Linear | LinearNorm)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model(_probe_ids(model))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _probe_ids(model: nn.Module) -> Tensor:
+    cfg = model.config
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (2, min(cfg.max_len, 8)), generator=g).to(device)
+
+
+@torch.no_grad()
+def to_events(model: nn.Module) -> nn.Module:
+    """An event-driven, inference-only copy of a trained model (norms folded, eval mode); the original is
+    untouched. Raises ValueError when the model has no spikes or time-invariant work to exploit (the ANN)."""
+    model = copy.deepcopy(model).eval()
+    model.fold_norms()
+    events = _probe(model)
+    if not events:
+        raise ValueError(
+            f"model (preset {model.config.preset!r}) has no Linear that receives spikes or a time-invariant input: "
+            "nothing for the event engine to exploit; use the dense engine (--engine dense)"
+        )
+
+    def convert(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if id(child) in events:
+                setattr(module, name, EventLinearNorm(child) if isinstance(child, LinearNorm) else EventLinear(child))
+            elif isinstance(child, LIF):
+                setattr(module, name, EventLIF(child))
+            else:
+                convert(child)
+
+    convert(model)
+    _choose_bool_spikes(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _choose_bool_spikes(model: nn.Module) -> None:
+    """Trace one probe forward and let each LIF emit bool if its spikes only reach event Linears."""
+    tracer = _SpikeUseTracer()
+    lifs = [m for m in model.modules() if isinstance(m, EventLIF)]
+    event_linears = [m for m in model.modules() if isinstance(m, EventLinear | EventLinearNorm)]
+
+    def enter(module: nn.Module, inputs: tuple) -> None:
+        tracer.depth += 1
+
+    def leave(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        tracer.depth -= 1
+
+    def produced(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        tracer.track(module, output)
+
+    hooks = [m.register_forward_hook(produced) for m in lifs]
+    for m in event_linears:
+        hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    try:
+        with torch.random.fork_rng(devices=[]), tracer:
+            model(_probe_ids(model))
+    finally:
+        for h in hooks:
+            h.remove()
+    for lif in lifs:
+        lif.emit_bool = id(lif) not in tracer.needs_float
+
+
+@torch.no_grad()
+def record_spikes(model: nn.Module, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """(logits, {LIF name: bool spikes}) of one forward: dense and event models name their LIFs alike, so two
+    records compare spike by spike."""
+    spikes: dict[str, Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, out, name=name: spikes.__setitem__(name, out.bool()))
+        for name, m in model.named_modules()
+        if isinstance(m, LIF | EventLIF)
+    ]
+    try:
+        logits = model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, spikes
+
+
+def count_mismatches(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[int, int]:
+    """(spikes that differ, spikes in a) over every LIF of two records."""
+    if a.keys() != b.keys():
+        raise ValueError(f"the records name different LIFs: {sorted(a.keys() ^ b.keys())[:4]}")
+    return sum(int((a[k] != b[k]).sum()) for k in a), sum(int(a[k].sum()) for k in a)
