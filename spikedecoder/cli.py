@@ -115,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .rundir import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
+    model = with_engine(model, args.engine)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     stop = [s.encode().decode("unicode_escape") for s in args.stop] or None
     pending = [prompt]  # echoed with the first new text, so a rejected prompt prints nothing
@@ -142,6 +143,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_engine(model, engine: str):
+    """The model as loaded (dense), or its event-driven copy (spikedecoder.events)."""
+    if engine == "events":
+        from .events import to_events
+
+        return to_events(model)
+    return model
+
+
+def add_engine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine", choices=("dense", "events"), default="dense",
+        help="dense: the training path; events: event-driven inference, same answers (spikedecoder.events)",
+    )  # fmt: skip
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
@@ -150,6 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runtime import evaluate
 
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
+    model = with_engine(model, args.engine)
     skipped = 0
     if args.data is not None:
         if args.split is not None:
@@ -281,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (reference)")
     p.add_argument("--escapes", action="store_true", help="interpret \\n etc. in the prompt")
+    add_engine_argument(p)
     p.set_defaults(func=cmd_generate)
 
     p = command(
@@ -293,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default=None, help="part of the training text (default val)")
     p.add_argument("--batches", type=int, default=None, help="limit the number of batches (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_engine_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = command("info", "Show parameters and configuration of a checkpoint or a preset.")

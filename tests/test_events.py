@@ -1,0 +1,152 @@
+"""The event-driven engine gives the dense path's answers: spikes compared one by one at every LIF (mismatches from
+float summation order at the threshold counted, at most 1e-5 of all spikes), logits, greedy generation with the
+cache, the CLI; and it really exploits the spikes (rows summed without a multiply, time-invariant work once, bool
+spikes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_generate import TOKENIZER, make_model, prompt
+
+from spikedecoder import cli
+from spikedecoder.events import (
+    EventLIF,
+    EventLinear,
+    EventLinearNorm,
+    count_mismatches,
+    record_spikes,
+    spike_linear,
+    to_events,
+)
+from spikedecoder.generate import generate_ids
+from spikedecoder.layers import Linear, LinearNorm
+from spikedecoder.neurons import LIF
+from spikedecoder.train import save_checkpoint
+
+MODES = {
+    "residual0-layer": ("spikedecoder", {}),
+    "residual1": ("spikedecoder", dict(residual=1)),
+    "residual2": ("spikedecoder", dict(residual=2)),
+    "batchnorm-folded": ("spikedecoder", dict(norm="batch")),
+    "powernorm-folded": ("spikedecoder", dict(norm="power")),
+    "no-norm": ("spikedecoder", dict(norm="none", v_threshold=0.1)),
+    "spiking-attention": ("spiking-attention", {}),
+    "spiking-attention-mlp": ("spiking-attention-mlp", {}),
+    "window": ("spikedecoder", dict(attn_window=3)),
+    "window-per-head": ("spikedecoder", dict(attn_window=[2, 5], combine="concat", av_norm=True)),
+    "head-concat": ("spikedecoder", dict(head_combine="concat")),
+    "head-last-channel-threshold": ("spikedecoder", dict(head_combine="last", learnable_threshold="channel")),
+    "binary-codes-no-decay-input": (
+        "spikedecoder",
+        dict(token_code="binary", position_code="binary", combine="concat", decay_input=False),
+    ),
+    "residual1-batchnorm-fused-lif": ("spikedecoder", dict(residual=1, norm="batch", lif_backend="fused")),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_spikes_and_logits_as_the_dense_path(mode: str) -> None:
+    preset, overrides = MODES[mode]
+    dense = make_model(preset, max_len=64, **overrides)
+    events = to_events(dense)
+    idx = prompt(40, batch=3)
+    logits_d, spikes_d = record_spikes(dense, idx)
+    logits_e, spikes_e = record_spikes(events, idx)
+    mismatches, total = count_mismatches(spikes_d, spikes_e)
+    neurons = sum(s.numel() for s in spikes_d.values())
+    assert total > 0.02 * neurons, f"{mode}: the model barely fires ({total} of {neurons}); the test would be void"
+    assert mismatches <= 1e-5 * total, f"{mode}: {mismatches} of {total} spikes differ"
+    torch.testing.assert_close(logits_e, logits_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["residual0-layer", "residual2", "window-per-head", "spiking-attention"])
+def test_cached_greedy_generation_gives_the_dense_tokens(mode: str) -> None:
+    preset, overrides = MODES[mode]
+    dense = make_model(preset, max_len=32, **overrides)
+    events = to_events(dense)
+    idx = prompt(6, batch=2)
+    expected = generate_ids(dense, idx, 40, greedy=True)  # slides past max_len=32 on the way
+    got = generate_ids(events, idx, 40, greedy=True)
+    assert torch.equal(got, expected)
+    # the cache path of the event model is exact against its own full recompute
+    assert torch.equal(generate_ids(events, idx, 40, greedy=True, incremental=False), got)
+
+
+def test_linear_on_spikes_is_a_sum_of_weight_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(24, 7)
+    spikes = torch.rand(4, 3, 24, generator=g) < 0.3
+    spikes[1, 2] = False  # an empty bag: bias only
+    rows = linear.weight.detach().t().contiguous()
+    got = spike_linear(spikes, rows, linear.bias.detach())
+    torch.testing.assert_close(got, linear(spikes.float()).detach(), rtol=1e-6, atol=1e-6)
+    by_hand = rows[spikes[0, 0]].sum(0) + linear.bias.detach()
+    torch.testing.assert_close(got[0, 0], by_hand)
+    torch.testing.assert_close(got[1, 2], linear.bias.detach())
+    # a non-binary input is not spikes: the dense product
+    event = EventLinear(linear)
+    x = torch.randn(4, 3, 24, generator=g)
+    torch.testing.assert_close(event(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:
+    dense = make_model("spikedecoder", max_len=16)
+    events = to_events(dense)
+    assert not any(isinstance(m, Linear | LinearNorm | LIF) for m in events.modules())  # every one replaced
+    blocks = events.blocks
+    # LIFs read only by event Linears emit bool; Q, K, V feed the attention's matmuls and stay float
+    assert blocks[0].attn.attn_lif.emit_bool and blocks[0].mlp.hidden_lif.emit_bool and events.head.lif.emit_bool
+    assert not blocks[0].attn.q_lif.emit_bool
+    steps_seen: dict[str, int] = {}
+
+    def seen(name: str):
+        return lambda m, inputs: steps_seen.__setitem__(name, inputs[0].shape[0])
+
+    for name, m in events.named_modules():
+        if isinstance(m, EventLinear):
+            m.register_forward_pre_hook(seen(name))
+    _, spikes = record_spikes(events, prompt(8))
+    t = events.config.timesteps
+    # direct encoding: the embedding spikes are the same at every step, so the first block's Q, K, V run once
+    assert steps_seen["blocks.0.attn.q.linear"] == steps_seen["blocks.0.attn.v.linear"] == 1
+    assert steps_seen["blocks.0.attn.proj.linear"] == steps_seen["blocks.1.attn.q.linear"] == t
+    hidden = events.blocks[0].mlp.hidden_lif(torch.randn(t, 1, 8, 128))
+    assert hidden.dtype == torch.bool
+    assert isinstance(events.blocks[0].attn.q, EventLinearNorm) and isinstance(events.head.lif, EventLIF)
+
+
+def test_original_is_untouched_and_the_ann_is_refused() -> None:
+    dense = make_model("spikedecoder", max_len=16, norm="batch")
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    to_events(dense)
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    with pytest.raises(ValueError, match="nothing for the event engine to exploit.*--engine dense"):
+        to_events(make_model("ann", max_len=16))
+
+
+def test_cli_generate_and_evaluate_with_the_event_engine(tmp_path, capsys) -> None:
+    text = "abcdefghij klmnop\n:!" * 200
+    data = tmp_path / "text.txt"
+    data.write_text(text)
+    model = make_model("spikedecoder", max_len=32)
+    save_checkpoint(tmp_path / "run", model, TOKENIZER, {"train": {"data": str(data)}})
+    outputs = {}
+    for engine in ("dense", "events"):
+        capsys.readouterr()
+        argv = ["generate", str(tmp_path / "run"), "--prompt", "ab", "--tokens", "50", "--greedy"]
+        assert cli.main(argv + ["--engine", engine]) == 0
+        generated = capsys.readouterr().out
+        assert cli.main(["evaluate", str(tmp_path / "run"), "--json", "--engine", engine]) == 0
+        outputs[engine] = generated, json.loads(capsys.readouterr().out)
+    assert outputs["events"][0] == outputs["dense"][0] and len(outputs["dense"][0]) > 50
+    metrics = outputs["dense"][1]
+    assert metrics["loss"] > 0 and metrics.keys() == outputs["events"][1].keys()
+    for key, value in metrics.items():
+        assert outputs["events"][1][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value)
+    ann = make_model("ann", max_len=32)
+    save_checkpoint(tmp_path / "ann", ann, TOKENIZER, {})
+    assert cli.main(["generate", str(tmp_path / "ann"), "--engine", "events"]) == 2
+    assert "nothing for the event engine to exploit" in capsys.readouterr().err
