@@ -53,10 +53,10 @@ def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
     active inputs, summed by embedding_bag. rows: (in, out) contiguous; spikes: (..., in) bool."""
     lead, fan_in = spikes.shape[:-1], spikes.shape[-1]
     flat = spikes.reshape(-1, fan_in)
-    active = flat.nonzero()  # (nnz, 2): bag, input; row-major, so grouped by bag in order
+    active = flat.nonzero(as_tuple=True)[1]  # inputs, bag after bag (row-major)
     counts = flat.sum(1)
     offsets = counts.cumsum(0) - counts
-    out = F.embedding_bag(active[:, 1], rows, offsets, mode="sum")
+    out = F.embedding_bag(active, rows, offsets, mode="sum")
     if bias is not None:
         out += bias
     return out.reshape(*lead, rows.shape[1])
@@ -100,8 +100,8 @@ class EventLinearNorm(nn.Module):
 
 
 class EventLIF(nn.Module):
-    """Inference LIF: the dense LIF's arithmetic step by step (same rounding, same spikes), bool spikes where every
-    consumer takes them (`emit_bool`), float 0/1 otherwise."""
+    """Inference LIF with the dense LIF's arithmetic in the same order (same rounding, same spikes), in place and
+    without the surrogate. Emits bool spikes where every consumer takes them (`emit_bool`), float 0/1 otherwise."""
 
     def __init__(self, lif: LIF):
         super().__init__()
@@ -114,11 +114,16 @@ class EventLIF(nn.Module):
             raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
         x = x.float() if x.dtype == torch.bool else x
         spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-        v = torch.zeros_like(x[0])
+        v = None  # membrane 0 before the first step
         for t in range(x.shape[0]):
-            h = v + (x[t] - v) / self.tau if self.decay_input else v - v / self.tau + x[t]
-            torch.ge(h - self.v_threshold, 0, out=spikes[t])
-            v = h.masked_fill(spikes[t], 0.0)
+            if v is None:  # 0 + (x - 0) / tau and 0 - 0 / tau + x, exactly
+                h = x[t] / self.tau if self.decay_input else x[t].clone()
+            elif self.decay_input:  # v + (x - v) / tau
+                h = torch.sub(x[t], v).div_(self.tau).add_(v)
+            else:  # v - v / tau + x
+                h = torch.sub(v, v / self.tau).add_(x[t])
+            torch.ge(h, self.v_threshold, out=spikes[t])  # h - th >= 0 exactly when h >= th
+            v = h.masked_fill_(spikes[t], 0.0)  # hard reset
         return spikes if self.emit_bool else spikes.to(x.dtype)
 
     def extra_repr(self) -> str:
