@@ -50,12 +50,17 @@ ENGINES = ("ann", "dense", "events")
 
 
 # ---------------------------------------------------------------------------------------------- firing rates
+def rate(spikes: torch.Tensor, kind: str) -> float:
+    """Fraction of neurons firing per step ("step"), or at any of the T steps of a token ("union")."""
+    return float((spikes.bool().any(0) if kind == "union" else spikes).float().mean())
+
+
 @torch.no_grad()
-def lif_rates(model: SpikeDecoder, ids: torch.Tensor) -> dict[str, float]:
-    """Per-step firing rate of every LIF on one forward of ids."""
+def lif_rates(model: SpikeDecoder, ids: torch.Tensor, kind: str = "step") -> dict[str, float]:
+    """Firing rate of every LIF on one forward of ids."""
     rates: dict[str, float] = {}
     hooks = [
-        m.register_forward_hook(lambda m, i, out, n=n: rates.__setitem__(n, float(out.float().mean())))
+        m.register_forward_hook(lambda m, i, out, n=n: rates.__setitem__(n, rate(out, kind)))
         for n, m in model.named_modules()
         if isinstance(m, LIF)
     ]
@@ -71,7 +76,7 @@ def role(name: str, last_block: int) -> str:
 
 
 @torch.no_grad()
-def calibrate(model: SpikeDecoder, targets: dict[str, float], ids: torch.Tensor, last_block: int) -> None:
+def calibrate(model: SpikeDecoder, targets: dict[str, float], ids: torch.Tensor, last_block: int, kind: str) -> None:
     """One forward; before each LIF runs, bisect its threshold (log scale) on its actual input to the target rate.
     Forward order is dependency order, so every LIF is calibrated on calibrated upstream spikes."""
 
@@ -81,7 +86,7 @@ def calibrate(model: SpikeDecoder, targets: dict[str, float], ids: torch.Tensor,
         for _ in range(24):
             mid = (lo + hi) / 2
             module.v_threshold.fill_(2.0**mid)
-            if float(module.forward(inputs[0]).mean()) > target:  # forward: no hooks
+            if rate(module.forward(inputs[0]), kind) > target:  # forward: no hooks
                 lo = mid
             else:
                 hi = mid
@@ -255,7 +260,7 @@ def build(width: int, args, trained: SpikeDecoder, ann_trained: SpikeDecoder | N
         shape["max_len"] = max(trained.config.max_len, args.prompt + args.tokens)
         torch.manual_seed(0)
         dense = SpikeDecoder(trained.config.replace(**shape)).eval()
-        calibrate(dense, targets, ids, trained.config.n_layer - 1)
+        calibrate(dense, targets, ids, trained.config.n_layer - 1, args.calibrate)
         torch.manual_seed(0)
         ann = SpikeDecoder(SpikeDecoderConfig.from_preset("ann", **{**_shape(trained.config), **shape})).eval()
     return ann, dense, to_events(dense)
@@ -277,6 +282,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--check-tokens", type=int, default=200, help="greedy tokens of the trained-model check")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--calibrate", choices=("step", "union"), default="step",
+        help="match the trained LIF rates per step (default) or their union over the T steps of a token",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help='print {"rows": [...]} only')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -290,7 +299,7 @@ def main() -> None:
     text = validation_ids(meta, tokenizer)
     prompt = text[: args.prompt][None]
     calib_ids = text[args.prompt : args.prompt + 4 * trained.config.max_len].reshape(4, -1)
-    targets = lif_rates(trained, calib_ids)
+    targets = lif_rates(trained, calib_ids, args.calibrate)
     cfg = trained.config
     say(
         f"checkpoint {args.checkpoint}: {cfg.n_layer} layers, width {cfg.n_embd}, T {cfg.timesteps}, "
@@ -309,8 +318,8 @@ def main() -> None:
             checks[width] = check_trained(dense, events, prompt, args.check_tokens)
             say(f"\ntrained-model check ({args.check_tokens} greedy tokens via generate()): {checks[width]}")
         else:
-            reached = lif_rates(dense, calib_ids)
-            say(f"\nwidth {width}: LIF rates (target -> reached):")
+            reached = lif_rates(dense, calib_ids, args.calibrate)
+            say(f"\nwidth {width}: LIF rates ({args.calibrate}; trained target -> reached):")
             say("  " + ", ".join(f"{n}: {targets[role(n, cfg.n_layer - 1)]:.3f}->{r:.3f}" for n, r in reached.items()))
         for m in models.values():  # warm-up: first calls allocate, compile the fused LIF
             decode(m, prompt, 4)

@@ -48,18 +48,47 @@ def as_spikes(x: Tensor) -> Tensor | None:
     return None
 
 
+_ARANGE: dict[torch.device, Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    if device not in _ARANGE or _ARANGE[device].numel() < n:
+        _ARANGE[device] = torch.arange(max(n, 64), device=device)
+    return _ARANGE[device][:n]
+
+
+class _Bags:
+    """The bags of one spike tensor: each (step, token)'s active inputs, bag after bag, and each bag's offset.
+    The last input's bags are kept, so Linears reading the same spikes (Q, K and V) find them once."""
+
+    last: tuple[Tensor, int, tuple[Tensor, Tensor] | None] | None = None
+
+    @classmethod
+    def of(cls, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        if cls.last is not None and cls.last[0] is x and cls.last[1] == x._version:
+            return cls.last[2]
+        spikes = as_spikes(x)
+        bags = None
+        if spikes is not None:
+            flat = spikes.reshape(-1, spikes.shape[-1])
+            bag, active = flat.nonzero(as_tuple=True)  # row-major: bag after bag
+            bags = active, torch.searchsorted(bag, _arange(flat.shape[0], bag.device))  # each bag's first spike
+        cls.last = (x, x._version, bags)
+        return bags
+
+
 def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
     """sum_i spikes[..., i] * rows[i] + bias without a multiply: each (step, token) is a bag of the rows of its
     active inputs, summed by embedding_bag. rows: (in, out) contiguous; spikes: (..., in) bool."""
-    lead, fan_in = spikes.shape[:-1], spikes.shape[-1]
-    flat = spikes.reshape(-1, fan_in)
-    active = flat.nonzero(as_tuple=True)[1]  # inputs, bag after bag (row-major)
-    counts = flat.sum(1)
-    offsets = counts.cumsum(0) - counts
-    out = F.embedding_bag(active, rows, offsets, mode="sum")
+    out = _rows_sum(_Bags.of(spikes), rows, bias)
+    return out.reshape(*spikes.shape[:-1], rows.shape[1])
+
+
+def _rows_sum(bags: tuple[Tensor, Tensor], rows: Tensor, bias: Tensor | None) -> Tensor:
+    out = F.embedding_bag(bags[0], rows, bags[1], mode="sum")
     if bias is not None:
         out += bias
-    return out.reshape(*lead, rows.shape[1])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -75,10 +104,10 @@ class EventLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if time_invariant(x):
             return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
-        spikes = as_spikes(x)
-        if spikes is None:  # not spikes after all: the dense product (x @ rows = x W^T)
+        bags = _Bags.of(x)
+        if bags is None:  # not spikes after all: the dense product (x @ rows = x W^T)
             return F.linear(x, self.rows.t(), self.bias)
-        return spike_linear(spikes, self.rows, self.bias)
+        return _rows_sum(bags, self.rows, self.bias).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight rows (in, out)"
@@ -107,6 +136,7 @@ class EventLIF(nn.Module):
         super().__init__()
         self.tau, self.decay_input = lif.tau, lif.decay_input
         self.register_buffer("v_threshold", lif.v_threshold.detach().clone())
+        self.register_buffer("tau_t", torch.tensor(lif.tau))  # dividing by a tensor skips wrapping the scalar
         self.emit_bool = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,15 +145,15 @@ class EventLIF(nn.Module):
         x = x.float() if x.dtype == torch.bool else x
         spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         v = None  # membrane 0 before the first step
-        for t in range(x.shape[0]):
+        for xt, st in zip(x.unbind(0), spikes.unbind(0), strict=True):
             if v is None:  # 0 + (x - 0) / tau and 0 - 0 / tau + x, exactly
-                h = x[t] / self.tau if self.decay_input else x[t].clone()
+                h = xt / self.tau_t if self.decay_input else xt.clone()
             elif self.decay_input:  # v + (x - v) / tau
-                h = torch.sub(x[t], v).div_(self.tau).add_(v)
+                h = torch.sub(xt, v).div_(self.tau_t).add_(v)
             else:  # v - v / tau + x
-                h = torch.sub(v, v / self.tau).add_(x[t])
-            torch.ge(h, self.v_threshold, out=spikes[t])  # h - th >= 0 exactly when h >= th
-            v = h.masked_fill_(spikes[t], 0.0)  # hard reset
+                h = torch.sub(v, v / self.tau_t).add_(xt)
+            torch.ge(h, self.v_threshold, out=st)  # h - th >= 0 exactly when h >= th
+            v = h.masked_fill_(st, 0.0)  # hard reset
         return spikes if self.emit_bool else spikes.to(x.dtype)
 
     def extra_repr(self) -> str:
