@@ -128,6 +128,12 @@ class SpikeDecoder(nn.Module):
             raise RuntimeError("fold_norms() uses running statistics: call model.eval() first")
         return sum(m.fold() for m in self.modules() if isinstance(m, LinearNorm))
 
+    def to_events(self) -> nn.Module:
+        """An event-driven, inference-only copy with the same answers (spikedecoder.events.to_events)."""
+        from .events import to_events
+
+        return to_events(self)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -51,7 +51,7 @@ MODES = {
 def test_same_spikes_and_logits_as_the_dense_path(mode: str) -> None:
     preset, overrides = MODES[mode]
     dense = make_model(preset, max_len=64, **overrides)
-    events = to_events(dense)
+    events = dense.to_events()
     idx = prompt(40, batch=3)
     logits_d, spikes_d = record_spikes(dense, idx)
     logits_e, spikes_e = record_spikes(events, idx)
