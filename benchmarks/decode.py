@@ -44,7 +44,7 @@ from spikedecoder import SpikeDecoder, SpikeDecoderConfig
 from spikedecoder.events import EventLinear, count_mismatches, to_events
 from spikedecoder.generate import _Window, generate_ids
 from spikedecoder.neurons import LIF
-from spikedecoder.train import load_checkpoint, validation_ids
+from spikedecoder.rundir import load_checkpoint, validation_ids
 
 ENGINES = ("ann", "dense", "events")
 

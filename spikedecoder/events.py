@@ -132,6 +132,8 @@ class EventLIF(nn.Module):
     """Inference LIF with the dense LIF's arithmetic in the same order (same rounding, same spikes), in place and
     without the surrogate. Emits bool spikes where every consumer takes them (`emit_bool`), float 0/1 otherwise."""
 
+    energy_place = LIF.energy_place
+
     def __init__(self, lif: LIF):
         super().__init__()
         self.tau, self.decay_input = lif.tau, lif.decay_input
@@ -251,11 +253,16 @@ def to_events(model: nn.Module) -> nn.Module:
     def convert(module: nn.Module) -> None:
         for name, child in list(module.named_children()):
             if id(child) in events:
-                setattr(module, name, EventLinearNorm(child) if isinstance(child, LinearNorm) else EventLinear(child))
+                new = EventLinearNorm(child) if isinstance(child, LinearNorm) else EventLinear(child)
             elif isinstance(child, LIF):
-                setattr(module, name, EventLIF(child))
+                new = EventLIF(child)
             else:
                 convert(child)
+                continue
+            for key, value in vars(child).items():  # the energy place an instance declared (energy_places.py)
+                if key.startswith("energy_"):
+                    setattr(new, key, value)
+            setattr(module, name, new)
 
     convert(model)
     _choose_bool_spikes(model)

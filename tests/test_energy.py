@@ -194,10 +194,46 @@ def test_lif_updates_comparisons_and_firing_rate():
     # tau = 2: input 3.0 charges to 1.5 and fires every step; input 1.5 charges to .75, 1.125 (fire), .75, 1.125
     x = torch.tensor([[3.0, 1.5]] * 4)
     ops = count_ops(InBlock("mlp", nn.Sequential(lif)), x)
-    assert ops.place("block0.mlp.lif") == {"lif": 8, "cmp": 8, "add": 8}  # the LIF's inner ops are not recounted
+    # tau = 2 with decay_input: h = (v + x) / 2 is an add and a shift, then a comparison; the reset is a select.
+    # The LIF's inner ops (sub, div, add, mul of the float loop) are not recounted.
+    assert ops.place("block0.mlp.lif") == {"add": 8, "shift": 8, "cmp": 8}
     assert ops.firing == {"blocks.0.mlp.0": (6, 8)}
     assert ops.firing_rates() == {"blocks.0.mlp.0": 0.75}
     assert lif.backend == "fused"  # restored after counting on the loop backend
+
+
+@pytest.mark.parametrize(
+    "tau, decay_input, per_update",
+    [
+        (2.0, False, {"add": 2, "shift": 1, "cmp": 1}),  # v - v / 2 + x: two adds, one shift
+        (4.0, True, {"add": 2, "shift": 2, "cmp": 1}),  # v - v / 4 + x / 4: two adds, two shifts
+        (3.0, True, {"lif": 1, "add": 1, "cmp": 1}),  # v + (x - v) / 3: a multiply-accumulate and an add
+        (3.0, False, {"lif": 1, "cmp": 1}),  # v (1 - 1/3) + x: one multiply-accumulate
+    ],
+)
+def test_lif_update_is_priced_as_the_arithmetic_its_tau_needs(tau, decay_input, per_update):
+    x = torch.rand(3, 2, 5, generator=torch.Generator().manual_seed(0)) * 3  # 10 neurons x 3 steps = 30 updates
+    ops = count_ops(InBlock("mlp", nn.Sequential(LIF(tau=tau, decay_input=decay_input))), x)
+    assert ops.place("block0.mlp.lif") == {k: 30 * n for k, n in per_update.items()}
+
+
+def test_time_invariant_linear_is_charged_once_and_rows_read_once_per_token():
+    """A LinearNorm on an input expanded over T = 4 (as direct encoding presents the embedding) runs once in the
+    event engine, and so is charged once; a Linear on spikes varying over T reads, per token, the rows of the
+    inputs active at any step."""
+    layer = LinearNorm(4, 3, "layer").eval()
+    step = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])  # 2 tokens, 3 spikes
+    expanded = step.expand(4, 1, 2, 4)
+    ops = count_ops(layer, expanded)
+    # one step: 3 spikes x 3 outputs = 9 AC, 2 rows x 3 bias adds, LayerNorm on 2 rows of 3; weights read: 3 rows of 3
+    linear, norm = ops.place("linear"), ops.place("norm")
+    assert linear == {"ac": 9, "ac_fanout": 9, "add": 6, "mem": 9}
+    assert norm == {"add": 2 * 2 * 3, "mac": 2 * 2 * 3, "mul": 2 * (3 + 2), "sqrt": 2, "div": 2}
+    assert count_ops(layer, expanded.contiguous()).place("linear")["ac"] == 4 * 9  # a copy is not time-invariant
+    # varying over T = 2: token 0 uses inputs {0, 2} then {0, 1}: 3 distinct rows; token 1 {3} then none: 1 row
+    varying = torch.tensor([[[[1.0, 0, 1, 0], [0, 0, 0, 1]]], [[[1.0, 1, 0, 0], [0, 0, 0, 0]]]])
+    ops = count_ops(layer, varying).place("linear")
+    assert ops == {"ac": 5 * 3, "ac_fanout": 5 * 3, "add": 4 * 3, "mem": (3 + 1) * 3}
 
 
 def test_firing_rates_equal_the_spikes_the_layers_emit():
@@ -259,7 +295,7 @@ def test_every_operation_is_priced_and_placed(preset, overrides):
     assert ops.total("ac_fanout") >= ops.total("ac")
     spiking = preset != "ann"
     assert (ops.total("ac") > 0) == spiking
-    assert (ops.total("lif") > 0) == spiking
+    assert (ops.total("shift") > 0) == spiking  # tau = 2: every membrane update leaks by a shift
 
 
 class Decay(nn.Module):
@@ -389,15 +425,16 @@ def test_spiking_report_total_is_the_hand_count_priced():
     x = torch.tensor([[[1.0, 0, 1, 0], [0, 0, 0, 1]], [[1.0, 1, 0, 0], [0, 0, 0, 0]]])  # 5 spikes
     # fc1: 5 spikes x 3 outputs = 15 AC, 4 rows x 3 bias adds = 12. Currents: t=0 (3,0,0),(0,3,0); t=1 (3,0,0),(0,0,0)
     # LIF (h = v + (x - v) / 2): 3 -> 1.5 fires; t=1 row 0 fires again (1.5), row 1's unit 1 was reset to 0 and gets
-    # 0: spikes t=0 (1,0,0),(0,1,0); t=1 (1,0,0),(0,0,0) = 3 spikes; 12 updates, each lif + cmp + decay add
+    # 0: spikes t=0 (1,0,0),(0,1,0); t=1 (1,0,0),(0,0,0) = 3 spikes; 12 updates, each an add, a shift (tau = 2)
+    # and a comparison
     # fc2: 3 spikes x 2 outputs = 6 AC, 4 rows x 2 bias adds = 8
-    ops = {"ac": 15 + 6, "add": 12 + 12 + 8, "cmp": 12, "lif": 12}
+    ops = {"ac": 15 + 6, "add": 12 + 12 + 8, "cmp": 12, "shift": 12}
     r = energy_report(model, x, "fp32")
     tokens = x.numel()  # not a SpikeDecoder: every input entry is a token
     assert r["tokens"] == tokens
     assert {k: n for k, n in r["kind_counts"].items() if n and k not in ("mem", "ac_fanout")} == ops
     assert r["firing_rates"] == {"blocks.0.mlp.1": 3 / 12}
-    hand = ((15 + 6) * 0.9 + 32 * 0.9 + 12 * 0.9 + 12 * 4.6) / tokens
+    hand = ((15 + 6) * 0.9 + 32 * 0.9 + 12 * 0.9 + 12 * 0.9) / tokens
     assert r["total_pj_per_token"] == pytest.approx(hand, rel=1e-12)
     assert r["synaptic_pj_per_token"] == pytest.approx(21 * 0.9 / tokens, rel=1e-12)
 
@@ -533,9 +570,10 @@ def test_linear_and_matmul_counts_agree_with_spikingjelly(preset, overrides, dea
     """SpikingJelly counts spike x weight as nnz * fan-out, spike x spike as the exact pairs, float x float as
     dense m*k*n, and ignores causal masks; compare ours under the same conventions on the same forward.
 
-    The one rule that differs: we skip an exact zero of a float activation (no multiply is needed), SpikingJelly
-    counts it. So a MAC product is compared by its dense size, and ours is checked to be that size scaled by the
-    input's non-zero fraction."""
+    Two rules differ: we skip an exact zero of a float activation (no multiply is needed), SpikingJelly counts it.
+    So a MAC product is compared by its dense size, and ours is checked to be that size scaled by the input's
+    non-zero fraction. And we charge a Linear on a time-invariant input (the direct-encoded embedding) for one step,
+    as the event engine runs it; its record says how many identical steps it stands for (`repeats`)."""
     oc = spikingjelly_counters()
     model, x = tiny(preset, **overrides), ids()
     if dead_gelus:
@@ -549,8 +587,8 @@ def test_linear_and_matmul_counts_agree_with_spikingjelly(preset, overrides, dea
 
     ops = count_ops(model, x, skip_masked=False)
     linear = [r for r in ops.products if r["weight"]]
-    ours_linear = {kind: sum(r["dense"] if kind == "mac" else r["charged"] for r in linear if r["kind"] == kind)
-                   for kind in ("ac", "mac")}  # fmt: skip
+    ours_linear = {kind: sum((r["dense"] if kind == "mac" else r["charged"]) * r["repeats"] for r in linear
+                             if r["kind"] == kind) for kind in ("ac", "mac")}  # fmt: skip
     assert ours_linear == sj_linear
     for r in linear:
         if r["kind"] == "mac":  # the zero-skipping rule, exactly
@@ -558,8 +596,11 @@ def test_linear_and_matmul_counts_agree_with_spikingjelly(preset, overrides, dea
     skipped = sum(r["dense"] - r["charged"] for r in linear if r["kind"] == "mac")
     assert (skipped > 0) == dead_gelus, "exact zeros reach a float Linear only where GELU outputs were killed"
     ours = sum(
-        r["dense"] if r["kind"] == "mac" else r["computed"] if all(r["binary"]) else r["fanout"] for r in ops.products
+        (r["dense"] if r["kind"] == "mac" else r["computed"] if all(r["binary"]) else r["fanout"]) * r["repeats"]
+        for r in ops.products
     )
+    once = [r for r in linear if r["repeats"] > 1]
+    assert bool(once) == (preset != "ann"), "the spike-coded embedding is the same at every step: charged once"
     total = sum(sum(c.values()) for c in sj.values())
     assert total > 0
     assert math.isclose(ours, total, rel_tol=0.01)

@@ -24,7 +24,7 @@ from spikedecoder.events import (
 from spikedecoder.generate import generate_ids
 from spikedecoder.layers import Linear, LinearNorm
 from spikedecoder.neurons import LIF
-from spikedecoder.train import save_checkpoint
+from spikedecoder.rundir import save_checkpoint
 
 MODES = {
     "residual0-layer": ("spikedecoder", {}),
@@ -116,6 +116,8 @@ def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:
     hidden = events.blocks[0].mlp.hidden_lif(torch.randn(t, 1, 8, 128))
     assert hidden.dtype == torch.bool
     assert isinstance(events.blocks[0].attn.q, EventLinearNorm) and isinstance(events.head.lif, EventLIF)
+    # the energy places the replaced modules declared stay (energy_places.py)
+    assert events.blocks[0].attn.q.energy_place == "qkv" and events.blocks[0].mlp.fc2.energy_place == "fc2"
 
 
 def test_original_is_untouched_and_the_ann_is_refused() -> None:

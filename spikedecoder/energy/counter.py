@@ -14,8 +14,15 @@ How operations are counted (`count_ops`):
   a causal kernel never computes it. The SNN and the ANN get the same rule.
 - Ops on parameters and buffers only, or on nothing (arange, ones), are constants that can be precomputed: free.
   So are ops on integer token ids only (bookkeeping) and data movement (views, copies, concatenation).
-- A LIF neuron costs, per membrane update, one leaky multiply-accumulate (`lif`), one add for decay_input, and one
-  threshold comparison; its internal ops are not counted again. Its output spikes give the firing rate.
+- A LIF neuron is priced as the arithmetic its update needs (`_lif_update`), plus one threshold comparison; the hard
+  reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with decay_input, h = v + (x - v) / 2 =
+  (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k), without
+  decay_input two adds and one shift. Any other tau needs a multiply: one multiply-accumulate (`lif`), plus an add
+  with decay_input. Its internal ops are not counted again. Its output spikes give the firing rate.
+- Work the event engine does once is charged once: a Linear (or Linear + Norm) whose input is the same at every
+  timestep (a T axis of stride 0, as direct encoding expands the embedding) is charged for one step.
+- Weight reads (`mem`): a Linear reads, per token, the weight rows of the inputs that are non-zero at any of its T
+  steps (the union over T of a (T, B, S, E) input), each once, as the event engine gathers them.
 - Norms: LayerNorm is charged per row (see `_layer_norm`); BatchNorm/PowerNorm cost one MAC per element until folded
   into their Linear (`model.fold_norms()`), then nothing. Softmax, GELU, embeddings and residual adds have rules too.
 - An op that touches activations and has no rule lands in `OpCounts.unpriced` (the tests keep it empty).
@@ -35,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..energy_places import open_scopes, resolve
-from ..layers import batch_invariant
+from ..layers import LinearNorm, batch_invariant
 from ..neurons import LIF
 from .counts import OpCounts, _nnz, _ptr, is_binary
 
@@ -74,6 +81,8 @@ class _OpCounter(TorchDispatchMode):
         self.pending: dict[int, tuple[dict, Tensor]] = {}  # product output storage -> (its record, pairs per entry)
         self.products: list[dict[str, Any]] = []
         self.stack: list[tuple[str, nn.Module, int]] = []  # running modules (path, module, open scopes), innermost last
+        self.steps: list[int] = []  # per running module: T if it is a per-step map on a time-invariant input, else 1
+        self.linear_inputs: list[Tensor] = []  # inputs of the running Linear modules, innermost last
         self.paused = False
         self.hooks: list = []
         self.kernel_products: int | None = None  # inside a fused attention kernel: its matrix products so far
@@ -94,6 +103,11 @@ class _OpCounter(TorchDispatchMode):
     def _enter_module(self, name: str):
         def hook(module: nn.Module, args: Any) -> None:
             self.stack.append((name, module, open_scopes()))
+            x = args[0] if args and isinstance(args[0], Tensor) else None
+            once = isinstance(module, nn.Linear | LinearNorm) and x is not None and _time_invariant(x)
+            self.steps.append(x.shape[0] if once else 1)
+            if isinstance(module, nn.Linear):
+                self.linear_inputs.append(x)
 
         return hook
 
@@ -105,14 +119,16 @@ class _OpCounter(TorchDispatchMode):
             finally:
                 self.paused = False
             place = self._place()
-            self._add(place, "lif", updates)
+            for kind, n in _lif_update(module.tau, module.decay_input).items():
+                self._add(place, kind, n * updates)
             self._add(place, "cmp", updates)
-            if module.decay_input:
-                self._add(place, "add", updates)  # v + (x - v) / tau: one add besides the multiply-accumulate
             name = self.stack[-1][0]
             old = self.firing.get(name, (0, 0))
             self.firing[name] = (old[0] + spikes, old[1] + updates)
         self.stack.pop()
+        self.steps.pop()
+        if isinstance(module, nn.Linear):
+            self.linear_inputs.pop()
 
     def _in_lif(self, outer: bool = False) -> bool:
         """Inside a LIF (outer=True: inside a LIF that is itself inside another LIF)."""
@@ -129,6 +145,10 @@ class _OpCounter(TorchDispatchMode):
         return resolve(self.stack, leaf)
 
     def _add(self, place: str, kind: str, n: int | float) -> None:
+        """Charge n ops; inside a per-step map on a time-invariant input, one step of them (weight reads are
+        counted once per token already)."""
+        if kind != "mem":
+            n = int(n) // max(self.steps, default=1)  # a Linear inside a LinearNorm shares its input: once
         if n:
             self.counts[place][kind] += int(n)
 
@@ -236,7 +256,7 @@ class _OpCounter(TorchDispatchMode):
             nnz = _nnz(act)
             n = nnz * fan_out
             computed = fanout = n
-            self._add(place, "mem", n)  # one weight read per operation (no reuse between tokens)
+            self._add(place, "mem", self._rows_read(act) * fan_out)  # weight rows read, once per token
         else:
             place = self._place(product=True)
             x_bin, y_bin = is_binary(x), is_binary(y)
@@ -261,9 +281,22 @@ class _OpCounter(TorchDispatchMode):
         }
         if record["weight"]:
             record["input_nnz"], record["input_size"] = nnz, act.numel()  # density of what drives the weights
+        once = max(self.steps, default=1)  # a time-invariant input: one step of it (see _add)
+        for key in ("charged", "computed", "fanout", "dense", "input_nnz", "input_size"):
+            if key in record:
+                record[key] //= once
+        record["repeats"] = once  # identical steps it stands for (a dense executor, SpikingJelly's count, runs all)
         self.products.append(record)
         if self.skip_masked and not record["weight"]:
             self.pending[_ptr(out)] = (record, pairs)
+
+    def _rows_read(self, act: Tensor) -> int:
+        """Weight rows a Linear reads: per token, the inputs non-zero at any of its T steps (a (T, B, S, E) input's
+        union over T); the rows of the matrix the product sees when the Linear's own input is not at hand."""
+        x = self.linear_inputs[-1] if self.linear_inputs else None
+        if x is None or x.dim() != 4 or x.shape[-1] != act.shape[-1]:
+            return _nnz(act)
+        return _nnz((x != 0).any(0))
 
     def _mask(self, target: Any, mask: Any, keep_where_true: bool) -> bool:
         """If `target` is a pending product and `mask` a constant mask, take back what the mask discards."""
@@ -367,8 +400,23 @@ class _OpCounter(TorchDispatchMode):
             n = pairs * width
             self.products.append(
                 {"place": place, "op": "sdpa", "kind": "mac", "weight": False, "binary": [False, False],
-                 "charged": n, "computed": n, "fanout": n, "dense": batch * s_q * s_k * width}
+                 "charged": n, "computed": n, "fanout": n, "dense": batch * s_q * s_k * width, "repeats": 1}
             )  # fmt: skip
+
+
+def _time_invariant(x: Tensor) -> bool:
+    """Every step along the T axis (dim 0) is the same memory: an expanded tensor, one value for all steps."""
+    return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
+
+
+def _lif_update(tau: float, decay_input: bool) -> dict[str, int]:
+    """Operations of one membrane update besides the threshold comparison (module docstring)."""
+    k = math.log2(tau)
+    if k == int(k):  # the leak is a shift by k bits
+        if decay_input:
+            return {"add": 1, "shift": 1} if k == 1 else {"add": 2, "shift": 2}
+        return {"add": 2, "shift": 1}
+    return {"lif": 1, "add": 1} if decay_input else {"lif": 1}
 
 
 class _FusedKernels(TorchFunctionMode):

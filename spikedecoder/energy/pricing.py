@@ -1,7 +1,8 @@
 """Pricing (`energy_report`): Horowitz (ISSCC 2014) 45 nm energies, the numbers the paper uses. A multiply costs
 MAC - AC, an add or a comparison one AC; exp, division and square root are charged as a few MACs (an assumption
-stated in `EnergyModel`; their counts are in the report to reprice). Memory (`memory=True`) adds one SRAM read per
-weight used by a MAC/AC and per embedding element looked up.
+stated in `EnergyModel`; their counts are in the report to reprice); a shift (a LIF leak with tau = 2^k) one AC.
+Memory (`memory=True`) adds one SRAM read per weight a token reads (a Linear's rows of the inputs active at any of
+its T steps, once) and per embedding element looked up.
 
 The report sums per place, per sub-block (summed over blocks), per block and per kind; `compare_reports` sets a
 model beside its baseline. `step_energy` prices one incremental-decoding step (what `spikedecoder serve` shows per
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .counter import count_ops
 
-KINDS = ("mac", "ac", "add", "mul", "cmp", "lif", "exp", "div", "sqrt", "mem")
+KINDS = ("mac", "ac", "add", "mul", "cmp", "shift", "lif", "exp", "div", "sqrt", "mem")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class EnergyModel:
             "add": self.ac,
             "mul": self.mac - self.ac,
             "cmp": self.ac,
+            "shift": self.ac,  # no 45 nm figure: an add's price, an upper bound (a float halving is an exponent step)
             "lif": self.mac,
             "exp": self.exp_macs * self.mac,
             "div": self.div_macs * self.mac,
