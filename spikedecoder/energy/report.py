@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "op counts of a dense ANN do not depend on its weights",
     )
     p.add_argument("--preset", default="fp32", choices=sorted(PRESETS), help="energy per operation (default fp32)")
-    p.add_argument("--memory", action="store_true", help="add one SRAM read per weight used")
+    p.add_argument("--memory", action="store_true", help="add one SRAM read per weight a token reads")
     p.add_argument("--windows", type=int, default=4, help="validation windows to measure (default 4)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_len)")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm/PowerNorm unfolded")
