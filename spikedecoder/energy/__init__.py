@@ -17,7 +17,7 @@ from .pricing import (
     step_energy,
     subblock,
 )
-from .report import add_arguments, format_table, plot_reports, run, validation_windows
+from .report import add_arguments, format_table, plot_reports, run, validation_windows, window_batches
 
 __all__ = [
     "KINDS",
@@ -39,4 +39,5 @@ __all__ = [
     "step_energy",
     "subblock",
     "validation_windows",
+    "window_batches",
 ]

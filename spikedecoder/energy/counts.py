@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+_SUMMED = ("charged", "computed", "fanout", "dense", "input_nnz", "input_size")  # additive fields of a product
+
 
 @dataclass
 class OpCounts:
@@ -19,6 +21,32 @@ class OpCounts:
     tokens: int = 0
     unpriced: dict[str, int] = field(default_factory=dict)  # ops on activations without a rule -> calls
     products: list[dict[str, Any]] = field(default_factory=list)  # one record per matrix product (see _product)
+
+    def add(self, other: OpCounts) -> OpCounts:
+        """Add the counts of another forward of the same model (a further batch of windows), in place: measuring
+        windows batch by batch keeps memory bounded however many there are. The product records are then summed
+        per (place, op, kind, weight, binary operands)."""
+        for place, kinds in other.counts.items():
+            mine = self.counts.setdefault(place, {})
+            for kind, n in kinds.items():
+                mine[kind] = mine.get(kind, 0) + n
+        for name, (spikes, updates) in other.firing.items():
+            s, u = self.firing.get(name, (0, 0))
+            self.firing[name] = (s + spikes, u + updates)
+        self.tokens += other.tokens
+        for op, n in other.unpriced.items():
+            self.unpriced[op] = self.unpriced.get(op, 0) + n
+        summed: dict[tuple, dict[str, Any]] = {}
+        for record in [*self.products, *other.products]:
+            key = (record["place"], record["op"], record["kind"], record["weight"], tuple(record["binary"]))
+            if key not in summed:
+                summed[key] = dict(record)
+            else:
+                for field_name in _SUMMED:
+                    if field_name in record:
+                        summed[key][field_name] += record[field_name]
+        self.products = list(summed.values())
+        return self
 
     def total(self, kind: str) -> int:
         return sum(kinds.get(kind, 0) for kinds in self.counts.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from .counter import count_ops
 
+WINDOW_BATCH = 8  # windows counted in one forward: bounds the memory of a measure (see energy_report)
 KINDS = ("mac", "ac", "add", "mul", "cmp", "shift", "lif", "exp", "div", "sqrt", "mem")
 
 
@@ -77,10 +79,19 @@ def _price(kinds: dict[str, int], prices: dict[str, float], fanout: bool = False
 
 
 def energy_report(
-    model: nn.Module, idx: Tensor, preset: str | EnergyModel = "fp32", memory: bool = False, fold: bool = True
+    model: nn.Module,
+    idx: Tensor | Iterable[Tensor],
+    preset: str | EnergyModel = "fp32",
+    memory: bool = False,
+    fold: bool = True,
+    batch: int = WINDOW_BATCH,
 ) -> dict[str, Any]:
-    """Energy per token of one forward on `idx` (B, S), JSON-ready. With fold (default), BatchNorm/PowerNorm are
-    folded into their Linear first, as at deployment (on a copy; the model is untouched).
+    """Energy per token of forwards on the windows `idx` (B, S), JSON-ready. With fold (default), BatchNorm/PowerNorm
+    are folded into their Linear first, as at deployment (on a copy; the model is untouched).
+
+    The windows are counted `batch` at a time and the counts added, so memory stays bounded for any number of them;
+    `idx` may also be an iterable of (b, S) batches (energy.report.window_batches streams them). A tensor is binary
+    (spikes) when all of it is 0 or 1 within its batch, so up to `batch` windows give the counts of one forward.
 
     Keys: total_pj_per_token (exact counts) and total_pj_per_token_fanout (paper-style AC counts);
     synaptic_pj_per_token[_fanout] (matrix products only); per_place_pj, per_subblock_pj (summed over blocks),
@@ -94,7 +105,13 @@ def energy_report(
     if fold and hasattr(model, "fold_norms"):
         model = copy.deepcopy(model).eval()
         folded = model.fold_norms()
-    ops = count_ops(model, idx)
+    ops, rows, width = None, 0, 0
+    for chunk in idx.split(batch) if isinstance(idx, Tensor) else idx:
+        part = count_ops(model, chunk)
+        ops = part if ops is None else ops.add(part)
+        rows, width = rows + int(chunk.shape[0]), int(chunk.shape[1])
+    if ops is None:
+        raise ValueError("no windows to measure; give at least one window of token ids")
     prices = energy.prices(memory)
     tokens = ops.tokens
     per_place = {p: _price(k, prices) / tokens for p, k in sorted(ops.counts.items())}
@@ -122,8 +139,8 @@ def energy_report(
         "prices_pj": prices,
         "memory": memory,
         "tokens": tokens,
-        "batch": int(idx.shape[0]),
-        "window": int(idx.shape[1]),
+        "batch": rows,
+        "window": width,
         "folded_norms": folded,
         "total_pj_per_token": sum(per_place.values()),
         "total_pj_per_token_fanout": sum(_price(k, prices, fanout=True) for k in ops.counts.values()) / tokens,
@@ -173,29 +190,42 @@ def step_energy(model: nn.Module, idx: Tensor, cache: Any, preset: str = "fp32",
 
 
 def decode_report(
-    model: nn.Module, idx: Tensor, preset: str = "fp32", memory: bool = False, fold: bool = True
+    model: nn.Module,
+    idx: Tensor | Iterable[Tensor],
+    preset: str = "fp32",
+    memory: bool = False,
+    fold: bool = True,
+    batch: int = WINDOW_BATCH,
 ) -> dict[str, Any]:
     """Per-token energy of incremental decoding on windows idx (B, S): the first half of each window is prefilled
-    into the model's cache, then its other tokens go in one at a time, each cached step counted as it runs (the B
-    windows side by side: a step's energy over B is its figure per token). Softmax attention's steps grow with the
-    K/V cache; spiking attention's running sums keep them flat."""
-    if idx.shape[1] < 2:
-        raise ValueError("incremental decoding needs windows of at least 2 tokens (a prefill and a cached step)")
+    into the model's cache, then its other tokens go in one at a time, each cached step counted as it runs (the
+    windows side by side, `batch` at a time as in energy_report: a step's energy over B is its figure per token).
+    Softmax attention's steps grow with the K/V cache; spiking attention's running sums keep them flat."""
     model = deployed(model) if fold else model.eval()
     prices = PRESETS[preset].prices(memory)
-    first = idx.shape[1] // 2
-    cache = model.new_cache()
-    with torch.no_grad():
-        model(idx[:, :first], cache)
-    steps = []
-    for j in range(first, idx.shape[1]):
-        ops = count_ops(model, idx[:, j : j + 1], cache=cache)  # the counted forward is the step: the cache advances
-        steps.append(sum(_price(k, prices) for k in ops.counts.values()) / idx.shape[0])
+    totals: list[float] = []
+    rows = width = 0
+    for chunk in idx.split(batch) if isinstance(idx, Tensor) else idx:
+        if chunk.shape[1] < 2:
+            raise ValueError("incremental decoding needs windows of at least 2 tokens (a prefill and a cached step)")
+        first, width = chunk.shape[1] // 2, chunk.shape[1]
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(chunk[:, :first], cache)
+        steps = []
+        for j in range(first, width):
+            ops = count_ops(model, chunk[:, j : j + 1], cache=cache)  # the counted forward is the step
+            steps.append(sum(_price(k, prices) for k in ops.counts.values()))
+        totals = [a + b for a, b in zip(totals, steps, strict=True)] if totals else steps
+        rows += chunk.shape[0]
+    if not rows:
+        raise ValueError("no windows to measure; give at least one window of token ids")
+    steps = [t / rows for t in totals]
     return {
         "pj_per_token": sum(steps) / len(steps),
         "first_step_pj": steps[0],
         "last_step_pj": steps[-1],
-        "positions": [first, idx.shape[1] - 1],
+        "positions": [width // 2, width - 1],
         "step_pj": steps,
     }
 

@@ -4,43 +4,80 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .pricing import KINDS, PRESETS, compare_reports, decode_report, energy_report
+from .pricing import KINDS, PRESETS, WINDOW_BATCH, compare_reports, decode_report, energy_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run or checkpoint directory of the model to measure")
     base = p.add_mutually_exclusive_group()
-    base.add_argument("--baseline", metavar="ANN_CHECKPOINT", help="checkpoint of the ANN to compare with")
+    base.add_argument(
+        "--baseline", metavar="ANN_CHECKPOINT", help="checkpoint of the ANN to compare with (default: no baseline)"
+    )
     base.add_argument(
         "--baseline-preset",
         metavar="PRESET",
         help="compare with an untrained model of this preset (e.g. ann) and the checkpoint's sizes: "
-        "op counts of a dense ANN do not depend on its weights",
+        "op counts of a dense ANN do not depend on its weights (default: no baseline)",
     )
     p.add_argument("--preset", default="fp32", choices=sorted(PRESETS), help="energy per operation (default fp32)")
     p.add_argument("--memory", action="store_true", help="add one SRAM read per weight a token reads")
-    p.add_argument("--windows", type=int, default=4, help="validation windows to measure (default 4)")
-    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_len)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=4,
+        help="validation windows to measure, >= 1, streamed: any number fits in memory (default 4)",
+    )
+    p.add_argument("--window", type=int, default=None, help="tokens per window, >= 1 (default: the model's max_len)")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm/PowerNorm unfolded")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", metavar="PNG", help="write a bar chart (energy per sub-block) and firing rates")
+    p.add_argument("--plot", metavar="PNG",
+                   help="write a bar chart (energy per sub-block) and firing rates into an existing folder "
+                   "(default: no plot)")  # fmt: skip
 
 
-def validation_windows(ids: Tensor, length: int, count: int) -> Tensor:
-    """`count` windows of `length` tokens spread evenly over the split (fewer tokens if the split is short)."""
+def window_batches(ids: Tensor, length: int, count: int, batch: int = WINDOW_BATCH) -> Iterator[Tensor]:
+    """`count` windows of `length` tokens spread evenly over the split (fewer tokens if the split is short), made
+    `batch` at a time: only one batch of windows is ever held."""
     if count < 1 or length < 1:
         raise ValueError(f"need at least one window of at least one token, got {count} x {length}")
     length = min(length, len(ids))
     if length < 1:
         raise ValueError("the validation split is empty; train with val_frac > 0")
     starts = torch.linspace(0, len(ids) - length, count).round().long()
-    return torch.stack([ids[s : s + length] for s in starts.tolist()])
+    for chunk in starts.split(batch):
+        yield torch.stack([ids[s : s + length] for s in chunk.tolist()])
+
+
+def validation_windows(ids: Tensor, length: int, count: int) -> Tensor:
+    """All `count` windows of window_batches at once, (count, length)."""
+    return torch.cat(list(window_batches(ids, length, count)))
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Before any work: the plot's folder must exist and be writable, and matplotlib must know its format."""
+    from ..rundir import check_writable
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ValueError(f"--plot {path}: folder {folder} does not exist; create it or choose another path")
+    check_writable(folder, "--plot")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from exc
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"--plot {path}: unknown image format; end the name with one of .{', .'.join(formats)}")
 
 
 def _baseline_model(config, name: str) -> nn.Module:
@@ -55,18 +92,24 @@ def _baseline_model(config, name: str) -> nn.Module:
 def run(args: argparse.Namespace) -> int:
     from ..rundir import load_checkpoint, validation_ids
 
+    if args.windows < 1:
+        raise ValueError(f"--windows {args.windows}: give a number of windows >= 1")
+    if args.window is not None and args.window < 1:
+        raise ValueError(f"--window {args.window}: give a number of tokens >= 1 (leave it out for the model's max_len)")
+    if args.plot:
+        check_plot_path(args.plot)
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
     ids = validation_ids(meta, tokenizer)
-    length = args.window or model.config.max_len
+    length = model.config.max_len if args.window is None else args.window
     if length > model.config.max_len:
         raise ValueError(f"--window {length} exceeds the model's max_len={model.config.max_len}")
-    idx = validation_windows(ids, length, args.windows)
-    report = energy_report(model, idx, args.preset, args.memory, fold=not args.no_fold)
+    report = energy_report(model, window_batches(ids, length, args.windows), args.preset, args.memory, not args.no_fold)
     report["label"] = model.config.preset
-    report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
-    decode = idx.shape[1] >= 2  # incremental decoding: a prefilled half window, then cached one-token steps
+    report["data"] = f"validation split: {report['batch']} windows x {report['window']} tokens"
+    decode = report["window"] >= 2  # incremental decoding: a prefilled half window, then cached one-token steps
     if decode:
-        report["decode"] = decode_report(model, idx, args.preset, args.memory, fold=not args.no_fold)
+        windows = window_batches(ids, length, args.windows)
+        report["decode"] = decode_report(model, windows, args.preset, args.memory, fold=not args.no_fold)
     result: dict[str, Any] = {"model": report}
     if args.baseline or args.baseline_preset:
         if args.baseline:
@@ -75,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
             base_model = _baseline_model(model.config, args.baseline_preset)
         if base_model.config.vocab_size != model.config.vocab_size:
             raise ValueError("the baseline has another vocabulary; compare models trained with the same tokenizer")
-        base_idx = idx[:, : base_model.config.max_len]
-        base = energy_report(base_model, base_idx, args.preset, args.memory, fold=not args.no_fold)
+
+        def base_windows() -> Iterator[Tensor]:
+            return (b[:, : base_model.config.max_len] for b in window_batches(ids, length, args.windows))
+
+        base = energy_report(base_model, base_windows(), args.preset, args.memory, fold=not args.no_fold)
         base["label"] = base_model.config.preset + ("" if args.baseline else " (untrained)")
-        if decode and base_idx.shape[1] >= 2:
-            base["decode"] = decode_report(base_model, base_idx, args.preset, args.memory, fold=not args.no_fold)
+        if decode and base["window"] >= 2:
+            base["decode"] = decode_report(base_model, base_windows(), args.preset, args.memory, not args.no_fold)
         result["baseline"] = base
         result["comparison"] = compare_reports(report, base)
     if args.plot:
