@@ -34,7 +34,7 @@ import torch
 
 from .checkpoint import resolve
 from .config import ConfigError, SpikeDecoderConfig
-from .rundir import checkpoint_dir, load_checkpoint, read_history, validation_ids
+from .rundir import check_writable, checkpoint_dir, load_checkpoint, read_history, validation_ids
 from .runtime import evaluate
 from .settings import TrainConfig, load_config_file, model_config, train_config
 from .study_report import PLOTS, aggregate, markdown
@@ -214,6 +214,11 @@ def energy_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: settings[k] for k in ("energy_preset", "energy_memory", "energy_windows", "final_eval_batches")}
 
 
+def data_key(cfg: TrainConfig) -> tuple:
+    """What the prepared token data depends on (variants that share it share one copy)."""
+    return tuple(getattr(cfg, k) for k in ("data", "tokenizer", "vocab_size", "unk", "val_frac", "test_frac"))
+
+
 def run_variant(
     variant: Variant, run_dir: Path, settings: dict[str, Any], data_cache: dict, progress: bool, log=print
 ) -> tuple[dict[str, Any], str]:
@@ -224,9 +229,7 @@ def run_variant(
         return result, "skipped"
     action = "measured"
     if _checkpoint_step(run_dir) < variant.train.max_steps:
-        key = tuple(
-            getattr(variant.train, k) for k in ("data", "tokenizer", "vocab_size", "unk", "val_frac", "test_frac")
-        )
+        key = data_key(variant.train)
         if key not in data_cache:
             data_cache[key] = prepare_data(variant.train)
         started = _checkpoint_step(run_dir)
@@ -260,10 +263,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="study directory: runs/NAME per variant, results.* and plots")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: use the study file named by [study] gpu (bigger models, for a lent GPU)")  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a setting of every variant, e.g. --set train.max_steps=100")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a setting of every variant, e.g. --set train.max_steps=100 (default: none)",
+    )
     p.add_argument("--data", help="UTF-8 text file to train on (default: built-in Shakespeare)")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="train only these variants (the tables show all done)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="train only these variants; the tables show all done (default: every variant)",
+    )
     p.add_argument("--aggregate-only", action="store_true", help="train nothing: rewrite the tables and plots")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: [study] threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default when not a terminal)")
@@ -284,6 +297,16 @@ def run(args: argparse.Namespace) -> int:
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(args.out)
+    check_writable(out)
+    data_cache: dict = {}
+    for v in variants:  # bad data fails before anything is written
+        wanted = not args.aggregate_only and (not args.only or v.name in args.only)
+        if (
+            wanted
+            and _checkpoint_step(out / "runs" / v.name) < v.train.max_steps
+            and data_key(v.train) not in data_cache
+        ):
+            data_cache[data_key(v.train)] = prepare_data(v.train)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "study.toml").write_text(Path(config["_path"]).read_text())
     progress = not args.no_progress and sys.stderr.isatty()
@@ -293,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         + [f"--set {item}" for item in args.set]
         + ([f"--data {args.data}"] if args.data else [])
     )
-    results, missing, data_cache = [], [], {}
+    results, missing = [], []
     start = time.time()
     for i, v in enumerate(variants, 1):
         run_dir = out / "runs" / v.name
