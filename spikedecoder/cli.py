@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .optim import TrainingDiverged
+from .rundir import check_run_dirs, removed_if_left_empty
 from .settings import TrainConfig, load_config_file, model_config
 from .settings import train_config as settings_train_config
 
@@ -58,8 +63,12 @@ PRECEDENCE = """settings, highest precedence first:
 
 def train_config(config: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
     """The training settings with --data/--steps/--minutes on top (see settings.py for the precedence)."""
-    given = {"data": "data", "max_steps": "steps", "max_minutes": "minutes"}
-    return settings_train_config(config, **{key: getattr(args, arg, None) or None for key, arg in given.items()})
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: give a number of steps >= 1 (leave it out for the config's)")
+    if args.minutes is not None and not args.minutes > 0:
+        raise ConfigError(f"--minutes {args.minutes:g}: give a time budget > 0 (leave it out for no limit)")
+    given = {"data": args.data, "max_steps": args.steps, "max_minutes": args.minutes}
+    return settings_train_config(config, **given)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -67,7 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     config = load_config_file(args.config, args.set)
-    result = train(model_config(config, args.preset), train_config(config, args), args.out, resume=args.resume)
+    mcfg, tcfg = model_config(config, args.preset), train_config(config, args)
+    (resume,) = check_run_dirs([Path(args.out)], args.resume, args.force)
+    result = train(mcfg, tcfg, args.out, resume=resume)
     if result["rank"] == 0:
         print(json.dumps(result["val"], indent=2))
     return 0
@@ -81,14 +92,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = load_config_file(args.config, args.set)
     tcfg = train_config(config, args)
     presets = args.presets or config.get("compare", {}).get("presets", ["spikedecoder", "ann"])
-    data = prepare_data(tcfg)
+    models = [model_config(config, name) for name in presets]  # every preset's settings checked before any work
     out = Path(args.out)
-    rows = []
-    for name in presets:
-        print(f"\n=== training {name} ===", flush=True)
-        result = train(model_config(config, name), tcfg, out / name, resume=True, data=data)
-        rows.append((name, result))
+    resume = check_run_dirs([out / name for name in presets], args.resume, args.force)
+    data = prepare_data(tcfg)
     prompt = config.get("compare", {}).get("prompt", "ROMEO:\n")
+    try:  # the samples' prompt is checked before hours of training, not after
+        data.tokenizer.encode(prompt)
+    except DataError as exc:
+        raise ConfigError(f"compare.prompt {prompt!r}: {exc}; set one with --set compare.prompt='\"...\"'") from exc
+    rows = []
+    for name, mcfg, again in zip(presets, models, resume, strict=True):
+        print(f"\n=== training {name} ===", flush=True)
+        result = train(mcfg, tcfg, out / name, resume=again, data=data)
+        rows.append((name, result))
     for name, _ in rows:
         model, tokenizer, _ = load_checkpoint(out / name)
         print(f"\n--- sample from {name} (seed 0, temperature 0.8) ---")
@@ -116,8 +133,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     model = with_engine(model, args.engine)
-    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
-    stop = [s.encode().decode("unicode_escape") for s in args.stop] or None
+    prompt = unescape(args.prompt) if args.escapes else args.prompt
+    stop = [unescape(s) for s in args.stop] or None
     pending = [prompt]  # echoed with the first new text, so a rejected prompt prints nothing
 
     def stream(piece: str) -> None:
@@ -157,6 +174,15 @@ def add_engine_argument(p: argparse.ArgumentParser) -> None:
         "--engine", choices=("dense", "events"), default="dense",
         help="dense: the training path; events: event-driven inference, same answers (spikedecoder.events)",
     )  # fmt: skip
+
+
+_ESCAPE = re.compile(r"""\\(?:[\\'"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]+\})""")
+
+
+def unescape(text: str) -> str:
+    """Python's backslash escapes (\\n, \\t, \\x41, \\u00e9, ...) decoded; every other character, non-ASCII
+    included, kept as it is (unicode_escape on the whole text would read UTF-8 bytes as Latin-1)."""
+    return _ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), text)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -250,55 +276,93 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples and epilogs kept as written; every option that has a default shows it (an option whose default is
+    None says in its own help what leaving it out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+SAFETY = """safety: a run directory that holds a run is never overwritten unasked: add --resume to continue it or
+--force to train anew (its checkpoint stays until the new run writes its first one)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikedecoder",
         description="Train spiking GPT language models, compare them with their ANN twin, measure energy per token.",
-        epilog=PRECEDENCE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=PRECEDENCE + "\n\n" + SAFETY,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         epilog = EXAMPLES[name] + ("\n\n" + PRECEDENCE if name in ("train", "compare", "info", "study") else "")
-        return sub.add_parser(
-            name, help=help_text, description=help_text, epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
+        epilog += "\n\n" + SAFETY if name in ("train", "compare") else ""
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog, formatter_class=HelpFormatter)
 
     def config_args(p: argparse.ArgumentParser, with_file: bool = True) -> None:
         if with_file:
-            p.add_argument("config", nargs="?", help="TOML config file (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
-        p.add_argument("--data", help="UTF-8 text file to train on (default: built-in Shakespeare)")
-        p.add_argument("--steps", type=int, help="training steps (train.max_steps)")
-        p.add_argument("--minutes", type=float, help="wall-time budget per model (train.max_minutes)")
+            p.add_argument("config", nargs="?", help="TOML config file (see configs/; default: the preset alone)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a setting (repeatable; default: none)")  # fmt: skip
+        p.add_argument("--data", help="UTF-8 text file to train on (default: the config's, else built-in Shakespeare)")
+        p.add_argument("--steps", type=int, help="training steps >= 1 (default: the config's train.max_steps)")
+        p.add_argument("--minutes", type=float,
+                       help="wall-time budget per model, > 0 (default: the config's, else none)")  # fmt: skip
+
+    def run_args(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--resume", action="store_true", help=f"continue {what} from its checkpoint")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help=f"train {what} anew though --out holds one (the old checkpoint stays until replaced)",
+        )
 
     p = command("train", "Train one model (a preset of the ablation ladder plus overrides).")
     config_args(p)
-    p.add_argument("--preset", help="ann, spiking-attention, spiking-attention-mlp or spikedecoder")
+    p.add_argument("--preset", help="ann, spiking-attention, spiking-attention-mlp or spikedecoder "
+                   "(default: the config's `preset`, else spikedecoder)")  # fmt: skip
     p.add_argument("--out", required=True, help="run directory (checkpoint/ and log.csv go here)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    run_args(p, "the run")
     p.set_defaults(func=cmd_train)
 
     p = command("compare", "Train several presets on the same data and budget; print their metrics and samples.")
     config_args(p)
     p.add_argument("--presets", nargs="+", help="presets to train (default: the config's, or spikedecoder ann)")
-    p.add_argument("--out", required=True, help="directory for one run per preset")
+    p.add_argument("--out", required=True, help="directory for one run per preset (OUT/PRESET)")
+    run_args(p, "every preset's run")
     p.set_defaults(func=cmd_compare)
 
     p = command("generate", "Generate text from a trained model (streams tokens as they come).")
     p.add_argument("checkpoint", help="run or checkpoint directory")
-    p.add_argument("--prompt", default="\n", help="text to continue (must use the training characters)")
+    p.add_argument("--prompt", default="\n", help="text to continue, in the training characters (default: a newline)")
     p.add_argument("--tokens", type=int, default=200, help="maximum number of new tokens")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    p.add_argument(
+        "--greedy", action="store_true", help="always take the most likely token (ignores the sampling options)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature > 0: lower is more conservative"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens whose probabilities add up to P, 0 < P <= 1 "
+                   "(default: all)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed: the same seed gives the same text (default: a fresh random draw)")  # fmt: skip
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop when this string appears (repeatable; \\n etc. decoded; default: none)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (reference)")
-    p.add_argument("--escapes", action="store_true", help="interpret \\n etc. in the prompt")
+    p.add_argument(
+        "--escapes",
+        action="store_true",
+        help="decode backslash escapes (\\n, \\t, \\u00e9) in the prompt; the rest stays as typed",
+    )
     add_engine_argument(p)
     p.set_defaults(func=cmd_generate)
 
@@ -309,16 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE", help="UTF-8 text file to evaluate whole (default: the training text)")
     p.add_argument("--unknown", choices=("error", "skip"), default="error",
                    help="characters outside the vocabulary: an error listing them (default), or skip them")  # fmt: skip
-    p.add_argument("--split", choices=("val", "test"), default=None, help="part of the training text (default val)")
+    p.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default=None,
+        help="held-out split of the run's training text to evaluate (default: val, unless --data)",
+    )
     p.add_argument("--batches", type=int, default=None, help="limit the number of batches (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_engine_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = command("info", "Show parameters and configuration of a checkpoint or a preset.")
-    p.add_argument("checkpoint", nargs="?", help="run or checkpoint directory")
-    p.add_argument("--preset", default="spikedecoder")
-    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE")
+    p.add_argument("checkpoint", nargs="?", help="run or checkpoint directory (default: show --preset instead)")
+    p.add_argument("--preset", default="spikedecoder", help="preset to show when no checkpoint is given")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override a model setting of the preset (repeatable; default: none)")  # fmt: skip
     p.set_defaults(func=cmd_info)
 
     try:
@@ -333,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "A local web page: generate token by token and watch each token's energy and spikes.")
     p.set_defaults(func=cmd_serve)
     p.add_argument("checkpoint", help="run or checkpoint directory of the (spiking) model to serve")
-    p.add_argument("--baseline", metavar="ANN_RUN", help="run of the ANN twin: its energy on the same tokens")
+    p.add_argument(
+        "--baseline", metavar="ANN_RUN", help="run of the ANN twin: its energy on the same tokens (default: none)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--preset", default="fp32", choices=("fp32", "fp16", "int8"), help="energy per operation")
@@ -349,16 +421,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = {
+    "train": "interrupted; the last checkpoint is kept (continue with --resume)",
+    "compare": "interrupted; the last checkpoints are kept (continue with --resume)",
+    "study": "interrupted; finished variants and the last checkpoints are kept (rerun the same command to go on)",
+    "generate": "interrupted; the text generated so far is printed above",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = getattr(args, "out", None)
     try:
-        return args.func(args)
+        with removed_if_left_empty(out) if out else contextlib.nullcontext():
+            return args.func(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
+        print("\n" + INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, as Unix tools do; stdout goes to /dev/null so that
+        # Python's final flush does not complain either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
 
 
 if __name__ == "__main__":

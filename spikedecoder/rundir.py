@@ -7,8 +7,11 @@ the training loop. A run directory holds `checkpoint/` (the latest good state) a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +205,68 @@ def restore_training_state(
 def read_history(run_dir: str | Path) -> list[dict]:
     """Validation history recorded in a run's checkpoint (for plots and studies)."""
     return read_json(resolve(checkpoint_dir(run_dir)) / "training.json").get("history", [])
+
+
+# ---------------------------------------------------------------------------------------------- output safety
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether run_dir already holds a run's work: a checkpoint, or a log of steps."""
+    return has_checkpoint(run_dir) or (Path(run_dir) / "log.csv").exists()
+
+
+def check_writable(path: str | Path, what: str = "--out") -> None:
+    """Fail now, before any work, if `path` (a directory, made later if missing) could not be written: the nearest
+    existing folder must be a directory where a file can really be created (permissions, read-only mounts)."""
+    path = Path(path)
+    folder = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not folder.is_dir():
+        raise ConfigError(f"{what} {path}: {folder} is a file, not a directory; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path}: cannot write in {folder} ({exc.strerror}); choose a writable directory"
+        ) from exc
+
+
+def check_run_dirs(run_dirs: list[Path], resume: bool, force: bool) -> list[bool]:
+    """Never overwrite a run unasked: a directory that holds a run needs resume (continue it) or force (train anew;
+    its checkpoint stays until the new run writes its first one). resume with nothing to resume is an error.
+    Returns, per directory, whether to resume it (one that holds no checkpoint starts fresh)."""
+    if resume and force:
+        raise ConfigError("--resume and --force contradict each other: --resume continues a run, --force replaces it")
+    if resume and not any(has_checkpoint(d) for d in run_dirs):
+        where = " or ".join(str(d) for d in run_dirs)
+        raise ConfigError(f"--resume: nothing to resume, {where} holds no checkpoint; leave out --resume to start")
+    taken = [str(d) for d in run_dirs if holds_run(d)]
+    if taken and not (resume or force):
+        raise ConfigError(
+            f"{', '.join(taken)} already holds a run; add --resume to continue it, --force to replace it, "
+            "or choose another --out"
+        )
+    for d in run_dirs:
+        check_writable(d)
+    return [resume and has_checkpoint(d) for d in run_dirs]
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | Path) -> Iterator[None]:
+    """On an error, remove the folders of `path` that did not exist before and are still empty: a failed command
+    leaves no empty output folders behind (and never touches what was there)."""
+    path = Path(path).absolute()
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # never made
+                continue
+            except OSError:  # not empty: keep it and everything above
+                break
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -60,6 +60,7 @@ class TrainConfig:
             (self.tokenizer in ("char", "bpe", "word"), f"tokenizer={self.tokenizer!r}: choose char, bpe or word"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0 (leave it out for no limit)"),
             (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
@@ -174,6 +175,10 @@ def load_config_file(path: str | None, sets: list[str]) -> dict[str, Any]:
             config = tomllib.loads(Path(path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"config file {path} is a directory; give a TOML file such as configs/run.toml") from exc
+        except (PermissionError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read as text ({exc}); give a UTF-8 TOML file") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     command_line: dict[str, Any] = {}

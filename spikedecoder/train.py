@@ -87,9 +87,9 @@ def _train(
     data: TokenData | None,
     rt: Runtime,
 ) -> dict[str, Any]:
+    data = data or prepare_data(cfg)  # bad data fails before the run directory exists
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    data = data or prepare_data(cfg)
     tokenizer = data.tokenizer
     unit = unit_name(tokenizer)
     model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)

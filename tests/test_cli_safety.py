@@ -1,0 +1,292 @@
+"""Issue 13: nothing lost, nothing ignored. An existing run is never overwritten unasked; every bad input ends with
+exit code 2, one `error:` line naming the problem and the fix, nothing on stdout, and the files that were there
+byte-identical; output paths are checked before any work; a closed pipe ends quietly; help shows defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import TEXT, TINY, fails_with
+
+import spikedecoder.train as train_module
+from spikedecoder.cli import HelpFormatter, build_parser, main, unescape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "harbour.txt"
+    path.write_text(TEXT + "Le café était calme.\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "snn"
+    argv = ["train", "--preset", "spikedecoder", *TINY, "--steps", "6", "--data", str(data_file), "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture()
+def run(trained: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run (tests may try to overwrite it)."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        (folder / "probe").write_text("x")
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+@pytest.fixture()
+def read_only(tmp_path: Path):
+    """A directory nobody can write in: chmod 555, and as root (who ignores modes) the immutable attribute."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if _writable(folder) and shutil.which("chattr"):
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        if _writable(folder):
+            pytest.skip("cannot make a read-only directory here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def train_argv(data: Path, out: Path, *extra: str, preset: str = "spikedecoder") -> list[str]:
+    return ["train", "--preset", preset, *TINY, "--data", str(data), "--out", str(out), *extra]
+
+
+# ---------------------------------------------------------------------------------------------- existing runs
+def test_train_into_an_existing_run_refuses_and_changes_nothing(run: Path, data_file: Path, capsys) -> None:
+    before = snapshot(run)
+    fails_with(capsys, train_argv(data_file, run, "--steps", "2"), "already holds a run", "--resume", "--force")
+    assert snapshot(run) == before
+    fails_with(capsys, train_argv(data_file, run, "--resume", "--force"), "contradict")
+    assert snapshot(run) == before
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path, data_file: Path, capsys) -> None:
+    fails_with(capsys, train_argv(data_file, tmp_path / "new" / "run", "--resume"), "nothing to resume")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    fails_with(capsys, train_argv(data_file, tmp_path / "empty", "--resume"), "holds no checkpoint")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_force_keeps_the_previous_checkpoint_until_the_new_one_is_written(
+    run: Path, data_file: Path, capsys, monkeypatch
+) -> None:
+    checkpoint = snapshot(run / "checkpoint")
+    real = train_module.lm_loss
+    monkeypatch.setattr(train_module, "lm_loss", lambda logits, y: real(logits, y) * float("nan"))
+    argv = train_argv(data_file, run, "--force", "--steps", "3", "--set", "train.checkpoint_interval=2")
+    fails_with(capsys, argv, "loss became nan at step 0", "no checkpoint was written yet")
+    assert snapshot(run / "checkpoint") == checkpoint  # the new run died before its first checkpoint
+    monkeypatch.setattr(train_module, "lm_loss", real)
+    assert main(argv) == 0
+    assert '"step": 3' in (run / "checkpoint" / "training.json").read_text()
+    assert snapshot(run / "checkpoint") != checkpoint
+
+
+def test_resume_continues_an_existing_run(run: Path, data_file: Path) -> None:
+    assert main(train_argv(data_file, run, "--resume", "--steps", "8")) == 0
+    assert '"step": 8' in (run / "checkpoint" / "training.json").read_text()
+
+
+def test_compare_refuses_existing_runs_and_resumes_only_when_asked(
+    run: Path, tmp_path: Path, data_file: Path, capsys
+) -> None:
+    out = tmp_path / "cmp"
+    base = ["compare", "--presets", "spikedecoder", "ann", *TINY, "--data", str(data_file), "--out", str(out)]
+    fails_with(capsys, base, "compare.prompt 'ROMEO:\\n'", "unknown character", "--set compare.prompt")
+    assert not out.exists()  # the samples' prompt is checked before any training
+    base += ["--set", 'compare.prompt="the "']
+    fails_with(capsys, [*base, "--resume"], "nothing to resume", str(out / "spikedecoder"), str(out / "ann"))
+    assert not out.exists()
+    shutil.copytree(run, out / "spikedecoder")
+    before = snapshot(out)
+    fails_with(capsys, [*base, "--steps", "6"], f"{out / 'spikedecoder'} already holds a run", "--resume")
+    assert snapshot(out) == before
+    assert main([*base, "--steps", "6", "--resume"]) == 0  # spikedecoder is done (step 6); ann starts fresh
+    after = snapshot(out)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("spikedecoder/checkpoint/"))
+    assert '"step": 6' in (out / "ann" / "checkpoint" / "training.json").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--steps", "0"], ["--steps 0: give a number of steps >= 1", "leave it out"]),
+        (["--steps", "-3"], ["--steps -3: give a number of steps >= 1"]),
+        (["--minutes", "-1"], ["--minutes -1: give a time budget > 0"]),
+        (["--minutes", "0"], ["--minutes 0: give a time budget > 0"]),
+    ],
+)
+def test_bad_steps_and_minutes(tmp_path: Path, data_file: Path, capsys, extra, needles) -> None:
+    fails_with(capsys, train_argv(data_file, tmp_path / "r", *extra), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_directory_as_config_file(tmp_path: Path, capsys) -> None:
+    fails_with(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "r")], "is a directory", "TOML file")
+    assert not (tmp_path / "r").exists()
+
+
+def test_read_only_out_fails_before_any_work(read_only: Path, data_file: Path, capsys, monkeypatch) -> None:
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_module, "prepare_data", no_work)
+    fails_with(capsys, train_argv(data_file, read_only / "run"), f"--out {read_only / 'run'}: cannot write in")
+    fails_with(capsys, ["compare", "--out", str(read_only / "cmp")], "cannot write in", "writable directory")
+    assert list(read_only.iterdir()) == []
+
+
+def test_bad_data_leaves_no_empty_output_folders(tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    fails_with(capsys, train_argv(short, tmp_path / "a" / "b" / "run"), "too short")
+    fails_with(capsys, ["compare", "--data", str(short), "--out", str(tmp_path / "c" / "cmp")], "too short")
+    (tmp_path / "kept").mkdir()  # an empty folder that was there before stays
+    fails_with(capsys, train_argv(short, tmp_path / "kept"), "too short")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "short.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- energy
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--window", "0"], ["--window 0: give a number of tokens >= 1"]),
+        (["--windows", "0"], ["--windows 0: give a number of windows >= 1"]),
+        (["--window", "99"], ["--window 99 exceeds the model's max_len=24"]),
+    ],
+)
+def test_energy_bad_windows(trained: Path, capsys, extra, needles) -> None:
+    fails_with(capsys, ["energy", str(trained), *extra], *needles)
+
+
+def test_energy_plot_path_is_checked_before_the_measure(
+    trained: Path, tmp_path: Path, read_only: Path, capsys, monkeypatch
+) -> None:
+    import spikedecoder.energy.report as report
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("measured before checking --plot")
+
+    monkeypatch.setattr(report, "energy_report", no_work)
+    before = snapshot(tmp_path)
+    missing = tmp_path / "nope" / "e.png"
+    fails_with(capsys, ["energy", str(trained), "--plot", str(missing)], "folder", "does not exist", "create it")
+    fails_with(capsys, ["energy", str(trained), "--plot", str(read_only / "e.png")], "--plot", "cannot write in")
+    fails_with(capsys, ["energy", str(trained), "--plot", str(tmp_path / "e.xyz")], "unknown image format", ".png")
+    assert snapshot(tmp_path) == before and not (tmp_path / "nope").exists()
+
+
+def test_energy_streams_windows_in_bounded_batches(trained: Path, capsys, monkeypatch) -> None:
+    """--windows N counts at most WINDOW_BATCH windows per forward, and gives the counts of one big forward."""
+    import torch
+
+    import spikedecoder.energy.pricing as pricing
+    from spikedecoder.energy import energy_report, validation_windows, window_batches
+    from spikedecoder.rundir import load_checkpoint, validation_ids
+
+    model, tokenizer, meta = load_checkpoint(trained)
+    ids = validation_ids(meta, tokenizer)
+    idx = validation_windows(ids, 24, 20)
+    assert torch.equal(torch.cat(list(window_batches(ids, 24, 20, batch=3))), idx)
+    whole = energy_report(model, idx, batch=20)
+    streamed = energy_report(model, window_batches(ids, 24, 20, batch=3))
+    for key in ("total_pj_per_token", "total_pj_per_token_fanout", "synaptic_pj_per_token", "mean_firing_rate"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-12), key
+    assert streamed["kind_counts"] == whole["kind_counts"] and streamed["tokens"] == whole["tokens"] == 20 * 24
+    assert streamed["firing_rates"] == pytest.approx(whole["firing_rates"])
+    assert streamed["batch"] == 20 and streamed["window"] == 24
+
+    seen: list[int] = []
+    real = pricing.count_ops
+    monkeypatch.setattr(pricing, "count_ops", lambda m, chunk: seen.append(chunk.shape[0]) or real(m, chunk))
+    assert main(["energy", str(trained), "--windows", "37", "--json"]) == 0
+    assert '"batch": 37' in capsys.readouterr().out
+    assert max(seen) <= pricing.WINDOW_BATCH and sum(seen) == 37
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def test_generate_into_a_closed_pipe_ends_quietly(trained: Path) -> None:
+    """`spikedecoder generate ... | head -c 20`: the reader goes away after 20 bytes while tokens still come."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "spikedecoder.cli", "generate", str(trained), "--tokens", "20000", "--seed", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(proc.stdout.read(20)) == 20
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == "", err
+
+
+def test_ctrl_c_in_generate_says_what_happened(run: Path, capsys, monkeypatch) -> None:
+    import spikedecoder.generate as generate_module
+
+    def interrupted(model, tokenizer, prompt, tokens, stream, **options):
+        stream(" lamp")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, "generate_text", interrupted)
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "the keeper lit the"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "the keeper lit the lamp"
+    assert "interrupted; the text generated so far is printed above" in err
+    assert "checkpoint" not in err and "--resume" not in err
+
+
+def test_escapes_keep_non_ascii_characters(trained: Path, capsys) -> None:
+    assert unescape(r"caf\u00e9 é\n\t\\x") == "café é\n\t\\x"
+    assert unescape("naïve – ok") == "naïve – ok"
+    capsys.readouterr()
+    argv = ["generate", str(trained), "--prompt", r"Le café\u00e9\n", "--escapes", "--tokens", "3", "--greedy"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("Le caféé\n")
+
+
+# ---------------------------------------------------------------------------------------------- help
+def test_every_option_has_help_and_shows_its_default() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "compare", "generate", "evaluate", "info", "energy", "study"} <= set(commands)
+    formatter = HelpFormatter("spikedecoder")
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = formatter._get_help_string(action)
+            assert text, f"{name} {action.option_strings[0]} has no help"
+            if action.nargs != 0 and not action.required:
+                assert "default" in text, f"{name} {action.option_strings[0]}: help shows no default: {text!r}"
+    help_text = commands["generate"].format_help()
+    assert "(default: 1.0)" in help_text and "(default: 200)" in help_text
+    assert "held-out split" in commands["evaluate"].format_help()
