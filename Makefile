@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/spikedecoder compare configs/run.toml --out runs/make-run
+	# a rerun continues the runs there (or only reprints the results): compare never overwrites a run unasked
+	$(VENV)/bin/spikedecoder compare configs/run.toml --out runs/make-run $(if $(wildcard runs/make-run/*/checkpoint),--resume)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
