@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import resolve
+from .checkpoint import read_json, resolve
 from .config import ConfigError, SpikeDecoderConfig
-from .rundir import check_writable, checkpoint_dir, load_checkpoint, read_history, validation_ids
+from .rundir import check_writable, checkpoint_dir, has_checkpoint, load_checkpoint, read_history, validation_ids
 from .runtime import evaluate
 from .settings import TrainConfig, load_config_file, model_config, train_config
 from .study_report import PLOTS, aggregate, markdown
@@ -158,6 +158,25 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _check_same(run_dir: Path, old: dict, variant: Variant) -> None:
+    """A run trained with other settings than the variant's is an error (never silently mixed in or continued)."""
+    new = variant.fingerprint()
+    old = {"model": dict(old.get("model", {})), "train": dict(old.get("train", {}))}
+    # a training option added to TrainConfig after the run was trained: the run used its default behaviour
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in set(new.get("train", {})) - set(old["train"]):
+        if new["train"][key] == defaults.get(key, dataclasses.MISSING):
+            del new["train"][key]
+    for key in set(old["train"]) - set(defaults) | UNTRACKED_TRAIN:  # an option TrainConfig no longer has
+        old["train"].pop(key, None)
+    changed = _changed(old, new)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} was trained with other settings ({', '.join(changed[:6])} changed); "
+            "use another --out directory, or delete that run to retrain it"
+        )
+
+
 def stored_result(run_dir: Path, variant: Variant) -> dict | None:
     """The run's result.json, or None; a result from other settings is an error (never silently mixed in)."""
     path = run_dir / RESULT
@@ -167,21 +186,20 @@ def stored_result(run_dir: Path, variant: Variant) -> dict | None:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None  # a torn write: measure again
-    old, new = result.get("fingerprint", {}), variant.fingerprint()
-    # a training option added to TrainConfig after the run was trained: the run used its default behaviour
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key in set(new.get("train", {})) - set(old.get("train", {})):
-        if new["train"][key] == defaults.get(key, dataclasses.MISSING):
-            del new["train"][key]
-    for key in set(old.get("train", {})) - set(defaults):  # an option TrainConfig no longer has
-        del old["train"][key]
-    changed = _changed(old, new)
-    if changed:
-        raise ConfigError(
-            f"{run_dir} was trained with other settings ({', '.join(changed[:6])} changed); "
-            "use another --out directory, or delete that run to retrain it"
-        )
+    _check_same(run_dir, result.get("fingerprint", {}), variant)
     return result
+
+
+def check_checkpoint(run_dir: Path, variant: Variant) -> None:
+    """A checkpoint without a result (an interrupted variant) is resumed only if it has the variant's settings
+    (max_steps aside: a longer budget continues it), never continued with, say, another learning rate."""
+    if not has_checkpoint(run_dir):
+        return
+    ckpt = resolve(checkpoint_dir(run_dir))
+    train = {k: v for k, v in read_json(ckpt / "training.json").get("train", {}).items() if k != "max_steps"}
+    train["max_steps"] = variant.train.max_steps
+    model = read_json(ckpt / "config.json") | {"vocab_size": variant.model.vocab_size}  # the tokenizer's, not a setting
+    _check_same(run_dir, {"model": model, "train": train}, variant)
 
 
 def measure(run_dir: Path, variant: Variant, settings: dict[str, Any]) -> dict[str, Any]:
@@ -232,6 +250,8 @@ def run_variant(
         key = data_key(variant.train)
         if key not in data_cache:
             data_cache[key] = prepare_data(variant.train)
+        if result is None:
+            check_checkpoint(run_dir, variant)
         started = _checkpoint_step(run_dir)
         log(f"  training {variant.name}" + (f" (resuming at step {started})" if started else ""))
         train(variant.model, variant.train, run_dir, resume=True, progress=progress, data=data_cache[key])
@@ -299,13 +319,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable(out)
     data_cache: dict = {}
-    for v in variants:  # bad data fails before anything is written
-        wanted = not args.aggregate_only and (not args.only or v.name in args.only)
-        if (
-            wanted
-            and _checkpoint_step(out / "runs" / v.name) < v.train.max_steps
-            and data_key(v.train) not in data_cache
-        ):
+    for v in variants:  # bad data, or a run trained with other settings, fails before anything is written
+        if args.aggregate_only or (args.only and v.name not in args.only):
+            continue
+        if stored_result(out / "runs" / v.name, v) is None:
+            check_checkpoint(out / "runs" / v.name, v)
+        if _checkpoint_step(out / "runs" / v.name) < v.train.max_steps and data_key(v.train) not in data_cache:
             data_cache[data_key(v.train)] = prepare_data(v.train)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "study.toml").write_text(Path(config["_path"]).read_text())

@@ -290,3 +290,26 @@ def test_every_option_has_help_and_shows_its_default() -> None:
     help_text = commands["generate"].format_help()
     assert "(default: 1.0)" in help_text and "(default: 200)" in help_text
     assert "held-out split" in commands["evaluate"].format_help()
+
+
+# ---------------------------------------------------------------------------------------------- study
+def test_study_does_not_continue_a_checkpoint_trained_with_other_settings(tmp_path: Path, capsys) -> None:
+    import dataclasses
+
+    from conftest import PARAGRAPH
+
+    import spikedecoder.study as study
+    from spikedecoder.train import train
+
+    toy = ROOT / "configs" / "studies" / "toy.toml"
+    data = tmp_path / "text.txt"
+    data.write_text(PARAGRAPH * 30)
+    out = tmp_path / "study"
+    variant = study.plan(study.load_study(toy), str(data))[1]
+    run_dir = out / "runs" / variant.name
+    other = dataclasses.replace(variant.train, max_steps=2, lr=variant.train.lr / 2)
+    train(variant.model, other, run_dir, progress=False)
+    before = snapshot(run_dir)
+    argv = ["study", str(toy), "--out", str(out), "--data", str(data), "--no-progress", "--only", variant.name]
+    fails_with(capsys, argv, f"{run_dir} was trained with other settings (train.lr changed)", "another --out")
+    assert snapshot(run_dir) == before
