@@ -212,7 +212,7 @@ def test_energy_streams_windows_in_bounded_batches(trained: Path, capsys, monkey
     import torch
 
     import spikedecoder.energy.pricing as pricing
-    from spikedecoder.energy import energy_report, validation_windows, window_batches
+    from spikedecoder.energy import decode_report, energy_report, validation_windows, window_batches
     from spikedecoder.rundir import load_checkpoint, validation_ids
 
     model, tokenizer, meta = load_checkpoint(trained)
@@ -226,10 +226,24 @@ def test_energy_streams_windows_in_bounded_batches(trained: Path, capsys, monkey
     assert streamed["kind_counts"] == whole["kind_counts"] and streamed["tokens"] == whole["tokens"] == 20 * 24
     assert streamed["firing_rates"] == pytest.approx(whole["firing_rates"])
     assert streamed["batch"] == 20 and streamed["window"] == 24
+    # decoding steps, batch by batch: each batch's step energies, weighted by its windows (a one-token step can be
+    # all 0/1 in a small batch and not in a big one, so the batch size is part of the measure: WINDOW_BATCH)
+    batched = decode_report(model, window_batches(ids, 24, 20, batch=3))
+    parts = [(len(chunk), decode_report(model, chunk)["step_pj"]) for chunk in idx.split(3)]
+    expected = [sum(n * steps[j] for n, steps in parts) / 20 for j in range(12)]
+    assert batched["step_pj"] == pytest.approx(expected, rel=1e-12) and batched["positions"] == [12, 23]
+    assert decode_report(model, idx, batch=20)["step_pj"] == pytest.approx(batched["step_pj"], rel=0.02)
 
     seen: list[int] = []
     real = pricing.count_ops
-    monkeypatch.setattr(pricing, "count_ops", lambda m, chunk: seen.append(chunk.shape[0]) or real(m, chunk))
+
+    def counted(m, chunk, **options):
+        if "cache" not in options:  # a whole-window forward (decoding steps go one token at a time)
+            seen.append(chunk.shape[0])
+        assert chunk.shape[0] <= pricing.WINDOW_BATCH
+        return real(m, chunk, **options)
+
+    monkeypatch.setattr(pricing, "count_ops", counted)
     assert main(["energy", str(trained), "--windows", "37", "--json"]) == 0
     assert '"batch": 37' in capsys.readouterr().out
     assert max(seen) <= pricing.WINDOW_BATCH and sum(seen) == 37

@@ -199,7 +199,8 @@ def decode_report(
 ) -> dict[str, Any]:
     """Per-token energy of incremental decoding on windows idx (B, S): the first half of each window is prefilled
     into the model's cache, then its other tokens go in one at a time, each cached step counted as it runs (the
-    windows side by side, `batch` at a time as in energy_report: a step's energy over B is its figure per token).
+    windows side by side, `batch` at a time as in energy_report: a step's energy over B is its figure per token; a
+    one-token step's tensor can be all 0/1 in a small batch, so the batch size is part of the measure).
     Softmax attention's steps grow with the K/V cache; spiking attention's running sums keep them flat."""
     model = deployed(model) if fold else model.eval()
     prices = PRESETS[preset].prices(memory)
