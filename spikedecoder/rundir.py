@@ -236,6 +236,8 @@ def check_run_dirs(run_dirs: list[Path], resume: bool, force: bool) -> list[bool
     Returns, per directory, whether to resume it (one that holds no checkpoint starts fresh)."""
     if resume and force:
         raise ConfigError("--resume and --force contradict each other: --resume continues a run, --force replaces it")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 checks (the others could see its new files)
+        return [resume and has_checkpoint(d) for d in run_dirs]
     if resume and not any(has_checkpoint(d) for d in run_dirs):
         where = " or ".join(str(d) for d in run_dirs)
         raise ConfigError(f"--resume: nothing to resume, {where} holds no checkpoint; leave out --resume to start")

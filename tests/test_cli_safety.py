@@ -167,6 +167,13 @@ def test_read_only_out_fails_before_any_work(read_only: Path, data_file: Path, c
     assert list(read_only.iterdir()) == []
 
 
+def test_a_file_as_out_is_refused(tmp_path: Path, data_file: Path, capsys) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    fails_with(capsys, train_argv(data_file, target), f"--out {target}: {target} is a file, not a directory")
+    assert target.read_text() == "keep me"
+
+
 def test_bad_data_leaves_no_empty_output_folders(tmp_path: Path, capsys) -> None:
     short = tmp_path / "short.txt"
     short.write_text("too short")
