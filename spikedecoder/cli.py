@@ -192,6 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .rundir import load_checkpoint, split_ids_for
     from .runtime import evaluate
 
+    if args.batches is not None and args.batches < 1:
+        raise ValueError(f"--batches {args.batches}: give a number of batches >= 1 (leave it out for the whole text)")
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
     model = with_engine(model, args.engine)
     skipped = 0
@@ -347,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--greedy", action="store_true", help="always take the most likely token (ignores the sampling options)"
     )
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature > 0: lower is more conservative"
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature >= 0: lower is more conservative, 0 is greedy",
     )
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None,

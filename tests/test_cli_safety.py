@@ -152,6 +152,10 @@ def test_bad_steps_and_minutes(tmp_path: Path, data_file: Path, capsys, extra, n
     assert not (tmp_path / "r").exists()
 
 
+def test_evaluate_batches_0_is_refused(trained: Path, capsys) -> None:
+    fails_with(capsys, ["evaluate", str(trained), "--batches", "0"], "--batches 0: give a number of batches >= 1")
+
+
 def test_a_directory_as_config_file(tmp_path: Path, capsys) -> None:
     fails_with(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "r")], "is a directory", "TOML file")
     assert not (tmp_path / "r").exists()
