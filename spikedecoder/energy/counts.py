@@ -25,7 +25,7 @@ class OpCounts:
     def add(self, other: OpCounts) -> OpCounts:
         """Add the counts of another forward of the same model (a further batch of windows), in place: measuring
         windows batch by batch keeps memory bounded however many there are. The product records are then summed
-        per (place, op, kind, weight, binary operands)."""
+        per (place, op, kind, weight, binary operands, repeats)."""
         for place, kinds in other.counts.items():
             mine = self.counts.setdefault(place, {})
             for kind, n in kinds.items():
@@ -39,6 +39,7 @@ class OpCounts:
         summed: dict[tuple, dict[str, Any]] = {}
         for record in [*self.products, *other.products]:
             key = (record["place"], record["op"], record["kind"], record["weight"], tuple(record["binary"]))
+            key += (record.get("repeats", 1),)  # steps a record stands for: part of what it is, not summed
             if key not in summed:
                 summed[key] = dict(record)
             else:
