@@ -15,50 +15,11 @@ from typing import Any
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .help import EXAMPLES, INTERRUPTED, PRECEDENCE, SAFETY, HelpFormatter
 from .optim import TrainingDiverged
 from .rundir import check_run_dirs, removed_if_left_empty
 from .settings import TrainConfig, load_config_file, model_config
 from .settings import train_config as settings_train_config
-
-EXAMPLES = {
-    "train": """examples:
-  spikedecoder train configs/run.toml --preset spikedecoder --out runs/snn
-  spikedecoder train configs/run.toml --preset ann --data my.txt --steps 2000 --out runs/ann
-  spikedecoder train configs/run.toml --set model.norm=power --set train.lr=1e-3 --out runs/snn-pn
-  spikedecoder train configs/run.toml --out runs/snn --resume      # continue an interrupted run""",
-    "compare": """examples:
-  spikedecoder compare configs/run.toml --out runs/make-run        # what `make run` does
-  spikedecoder compare configs/run.toml --presets spikedecoder spiking-attention ann --out runs/ladder""",
-    "generate": """examples:
-  spikedecoder generate runs/make-run/spikedecoder --prompt "ROMEO:" --tokens 300
-  spikedecoder generate runs/snn --prompt "JULIET:" --greedy --stop "\\n\\n"
-  spikedecoder generate runs/snn --prompt "KING:" --temperature 0.8 --top-k 20 --seed 1""",
-    "evaluate": """examples:
-  spikedecoder evaluate runs/make-run/spikedecoder
-  spikedecoder evaluate runs/make-run/spikedecoder --data other.txt --unknown skip --json
-  spikedecoder evaluate runs/snn --split test --json""",
-    "info": """examples:
-  spikedecoder info runs/make-run/spikedecoder
-  spikedecoder info --preset spikedecoder --set model.n_layer=6""",
-    "energy": """examples:
-  spikedecoder energy runs/make-run/spikedecoder --baseline runs/make-run/ann
-  spikedecoder energy runs/snn --baseline-preset ann --preset fp16 --json
-  spikedecoder energy runs/snn --baseline runs/ann --plot energy.png""",
-    "serve": """examples:
-  spikedecoder serve runs/make-run/spikedecoder --baseline runs/make-run/ann     # then open http://127.0.0.1:8000/
-  curl -N 'http://127.0.0.1:8000/api/generate?prompt=ROMEO:&tokens=20&seed=0'""",
-    "study": """examples:
-  spikedecoder study configs/studies/default.toml --out runs/study
-  spikedecoder study configs/studies/toy.toml --out /tmp/toy        # a two-variant smoke run""",
-}
-
-
-PRECEDENCE = """settings, highest precedence first:
-  1. the command line: --set SECTION.KEY=VALUE, --steps, --data, --minutes
-     (--set presets.NAME.KEY=VALUE beats --set model.KEY=VALUE for preset NAME)
-  2. the config file's [presets.NAME] section (a study variant's own tables)
-  3. the config file's shared [model] and [train] sections
-  4. the preset's defaults"""
 
 
 def train_config(config: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
@@ -278,22 +239,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples and epilogs kept as written; every option that has a default shows it (an option whose default is
-    None says in its own help what leaving it out means)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        shown = action.default not in (None, False, [], argparse.SUPPRESS)
-        if shown and action.option_strings and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-SAFETY = """safety: a run directory that holds a run is never overwritten unasked: add --resume to continue it or
---force to train anew (its checkpoint stays until the new run writes its first one)"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikedecoder",
@@ -424,14 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
         study.add_arguments(p)
         p.set_defaults(func=study.run)
     return parser
-
-
-INTERRUPTED = {
-    "train": "interrupted; the last checkpoint is kept (continue with --resume)",
-    "compare": "interrupted; the last checkpoints are kept (continue with --resume)",
-    "study": "interrupted; finished variants and the last checkpoints are kept (rerun the same command to go on)",
-    "generate": "interrupted; the text generated so far is printed above",
-}
 
 
 def main(argv: list[str] | None = None) -> int:

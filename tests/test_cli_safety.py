@@ -15,7 +15,8 @@ import pytest
 from test_cli import TEXT, TINY, fails_with
 
 import spikedecoder.train as train_module
-from spikedecoder.cli import HelpFormatter, build_parser, main, unescape
+from spikedecoder.cli import build_parser, main, unescape
+from spikedecoder.help import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 
