@@ -31,6 +31,14 @@ class ConfigError(ValueError):
     """An invalid configuration: the message names the field and the fix."""
 
 
+def reject_unknown(cls: type, values: dict[str, Any], what: str, valid: str = "valid") -> None:
+    """A dataclass built from a dict (a file, --set): unknown keys are named with the valid ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown}; {valid}: {', '.join(sorted(known))}")
+
+
 @dataclass
 class SpikeDecoderConfig:
     """Everything that defines a model; saved as JSON next to the weights."""
@@ -223,10 +231,7 @@ class SpikeDecoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SpikeDecoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
+        reject_unknown(cls, values, "config field(s)", "valid fields")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, SpikeDecoderConfig
+from .config import PRESETS, ConfigError, SpikeDecoderConfig, reject_unknown
 
 COMMAND_LINE = "_command_line"  # where load_config_file keeps the --set values, apart from the file's
 SECTIONS = ("compare", "model", "presets", "study", "train")
@@ -78,10 +78,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid: {', '.join(sorted(known))}")
+        reject_unknown(cls, values, "training option(s)")
         return cls(**values)
 
 
