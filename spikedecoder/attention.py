@@ -34,25 +34,29 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(-3, -2).reshape(*lead, s, h * d)
 
 
-def causal_mask(s: int, past: int, device: torch.device, window: int | tuple[int, ...] | None = None) -> Tensor:
+def causal_mask(s: int, past: int, device: torch.device, window: int | tuple[int | None, ...] | None = None) -> Tensor:
     """(S, past+S) boolean: query i (at absolute position past+i) sees keys 0..past+i, or only the last `window`;
-    a window per head gives (H, S, past+S)."""
+    a window per head gives (H, S, past+S), None in it meaning the whole context."""
     mask = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
     if window is None:
         return mask
     if isinstance(window, int):
         return mask.triu(past - window + 1)
-    return torch.stack([mask.triu(past - w + 1) for w in window])
+    return torch.stack([mask if w is None else mask.triu(past - w + 1) for w in window])
 
 
 class SpikingSelfAttention(nn.Module):
     """x -> LIF (unless x is already spikes) -> Q, K, V = LIF(Norm(Linear(x))) -> scale * causal(Q K^T) V
-    -> LIF -> Linear -> Norm. With `binary_scores` (spiking residual degree 2) the score map is itself passed
-    through a LIF, so A V multiplies two binary operands; decoding then keeps K and V instead of the running sum.
+    -> LIF -> Linear -> Norm.
 
-    Energy places (energy_places.py): Q K^T and its mask are `scores`, A V and the scaling `values`."""
-
-    energy_group = "attention"
+    Each head sees either the whole context (a running sum, decoded from a fixed d_h x d_h state) or a sliding
+    window of its last W tokens (decoded from the last W-1 keys and values). Per head, A V can be corrected by a
+    learned score offset b_h (y = sum_j (q.k_j - b_h) v_j = q S - b_h sum_j v_j, so chance coincidences cancel)
+    and normalised by the head's coincidence total q.z, z = sum_j k_j (attn_norm='coincidence': a weighted mean of
+    the values, whatever the context length). Every sum is of small integers, exact in float32, and the offset and
+    division are the same float ops on the same integers in the full forward and in decoding: both agree bit for bit.
+    With `binary_scores` (spiking residual degree 2) the score map is itself passed through a LIF, so A V multiplies
+    two binary operands; decoding then keeps K and V instead of the running sum."""
 
     def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool, output_lif: bool = False):
         super().__init__()
@@ -64,9 +68,18 @@ class SpikingSelfAttention(nn.Module):
         self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
-        self.window = tuple(cfg.attn_window) if isinstance(cfg.attn_window, list) else cfg.attn_window
-        self.max_window = max(self.window) if isinstance(self.window, tuple) else self.window
+        windows = cfg.head_windows
+        self.windows = tuple(windows)
+        self.long = [h for h, w in enumerate(windows) if w is None]
+        self.local = [h for h, w in enumerate(windows) if w is not None]
+        local = tuple(windows[h] for h in self.local)
+        self.local_window = local[0] if len(set(local)) == 1 else local
+        self.keep = max(local, default=1) - 1  # keys a local head still needs from the past
+        self.register_buffer("inverse", torch.tensor(self.long + self.local).argsort(), persistent=False)
+        self.coincidence_norm = cfg.attn_norm == "coincidence"
+        self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
         self.score_lif = make_lif(cfg) if self.binary_scores else None
+        self.score_gain = cfg.tau if cfg.decay_input else 1.0
         self.av_norm = make_norm(cfg.norm, e) if cfg.av_norm else None
         self.attn_lif = make_lif(cfg, e)
         self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
@@ -79,12 +92,18 @@ class SpikingSelfAttention(nn.Module):
         q = split_heads(self.q_lif(self.q(x)), self.n_head)  # (T, B, H, S, d_h) spikes
         k = split_heads(self.k_lif(self.k(x)), self.n_head)
         v = split_heads(self.v_lif(self.v(x)), self.n_head)
-        if self.binary_scores or self.window is not None:
-            y = self._cached_scores(q, k, v, state)
-        else:
+        if self.binary_scores:
+            y = self._binary_scores(q, k, v, state)
+        elif not self.local:
             y = self._running_sum(q, k, v, state)
-        with energy_scope("values"):
-            y = merge_heads(y) * self.scale
+        elif not self.long:
+            y = self._window(q, k, v, state)
+        else:  # dual path: long-range heads and window heads side by side
+            pick = [torch.tensor(h, device=q.device) for h in (self.long, self.local)]
+            long = self._running_sum(*(t.index_select(2, pick[0]) for t in (q, k, v)), state)
+            local = self._window(*(t.index_select(2, pick[1]) for t in (q, k, v)), state)
+            y = torch.cat([long, local], dim=2).index_select(2, self.inverse)
+        y = merge_heads(y) * self.scale
         if self.av_norm is not None:
             y = self.av_norm(y)
         y = self.attn_lif(y)
@@ -92,35 +111,61 @@ class SpikingSelfAttention(nn.Module):
         return self.out_lif(y) if self.out_lif is not None else y
 
     def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
-        s = q.shape[-2]
-        with energy_scope("scores"):
-            scores = (q @ k.transpose(-1, -2)) * causal_mask(s, 0, q.device)  # coincidence counts, future zeroed
-        with energy_scope("values"):
-            y = scores @ v
-            if state is not None:
-                past = state.get("kv")
-                if past is not None:
-                    y = y + q @ past
-                chunk = k.transpose(-1, -2) @ v
-                state["kv"] = chunk if past is None else past + chunk
-        return y
+        """Whole-context heads: y_i = q_i S_i, S_i = sum_{j<=i} k_j^T v_j; decoding keeps S (and z, sum v)."""
+        mask = causal_mask(q.shape[-2], 0, q.device)
+        scores = (q @ k.transpose(-1, -2)) * mask  # coincidence counts, future zeroed
+        y = scores @ v
+        den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
+        vsum = v.cumsum(-2) if self.offset is not None else None
+        if state is not None:
+            if "kv" in state:
+                y = y + q @ state["kv"]
+                den = den + q @ state["z"] if den is not None else None
+                vsum = vsum + state["vsum"] if vsum is not None else None
+            sums = {"kv": k.transpose(-1, -2) @ v, "z": k.sum(-2)[..., None], "vsum": v.sum(-2, keepdim=True)}
+            for name, chunk in sums.items():
+                state[name] = state[name] + chunk if name in state else chunk
+        return self._finish(y, den, vsum, self.long)
 
-    def _cached_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
-        """Explicit score map over cached keys: for binary scores (degree 2) and for a sliding window (one for all
-        heads, or one per head), where decoding keeps only the last window-1 keys and values (O(window) per token,
-        still exact)."""
+    def _window(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+        """Window heads: an explicit score map over the last W keys; decoding keeps the last W-1 keys and values
+        (O(W) per token, still exact)."""
         if state is not None:
             if "k" in state:
                 k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
-            keep = k.shape[-2] if self.window is None else self.max_window - 1
+            state["k"], state["v"] = k[..., k.shape[-2] - self.keep :, :], v[..., v.shape[-2] - self.keep :, :]
+        mask = causal_mask(q.shape[-2], k.shape[-2] - q.shape[-2], q.device, self.local_window)
+        scores = (q @ k.transpose(-1, -2)) * mask
+        den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
+        vsum = mask.to(v.dtype) @ v if self.offset is not None else None
+        return self._finish(scores @ v, den, vsum, self.local)
+
+    def _finish(self, y: Tensor, den: Tensor | None, vsum: Tensor | None, heads: list[int]) -> Tensor:
+        if vsum is not None:
+            offset = self.offset if len(heads) == self.n_head else self.offset[heads]
+            y = y - offset * vsum
+        if den is not None:
+            y = y / den.clamp(min=1)
+        return y
+
+    def _binary_scores(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+        """Degree 2: a LIF on every coincidence count, so the explicit score map is needed; decoding keeps K and V
+        (all of them if a head sees the whole context, else the last W-1). Offset and normaliser apply to the binary
+        scores as to the counts. The gain (tau with decay_input, else 1) brings a count of v_threshold to the
+        threshold at the first step: a score spikes where q and k share at least v_threshold active channels (one,
+        at the default)."""
+        if state is not None:
+            if "k" in state:
+                k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
+            keep = k.shape[-2] if self.long else self.keep
             state["k"], state["v"] = k[..., k.shape[-2] - keep :, :], v[..., v.shape[-2] - keep :, :]
         past = k.shape[-2] - q.shape[-2]
-        with energy_scope("scores"):
-            scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], past, q.device, self.window)
-            if self.binary_scores:
-                scores = self.score_lif(scores * self.scale)
-        with energy_scope("values"):
-            return scores @ v
+        window = None if not self.local else self.local_window if not self.long else self.windows
+        mask = causal_mask(q.shape[-2], past, q.device, window)
+        scores = self.score_lif((q @ k.transpose(-1, -2)) * mask * self.score_gain)
+        den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
+        vsum = mask.to(v.dtype) @ v if self.offset is not None else None
+        return self._finish(scores @ v, den, vsum, list(range(self.n_head)))
 
 
 class SoftmaxAttention(nn.Module):

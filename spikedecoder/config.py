@@ -25,6 +25,7 @@ NORMS = ("layer", "batch", "power", "none")
 SURROGATES = ("atan", "sigmoid")
 THRESHOLDS = ("none", "layer", "channel")
 LIF_BACKENDS = ("loop", "fused")
+ATTN_NORMS = ("none", "coincidence")
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,9 @@ class SpikeDecoderConfig:
     norm: str = "layer"
     attn_scale: float | str = 0.125
     first_attn_lif: bool = False
-    attn_window: int | list[int] | None = None  # spiking attention sees only the last W tokens (or W per head)
+    attn_window: int | list[int] | None = None  # spiking attention sees only the last W tokens (or W per head, 0 = all)
+    attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
+    attn_offset: bool = False  # a learned score offset per head: y = sum_j (q.k_j - b_h) v_j
     av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
     # LIF neuron (SPEC section 2)
     tau: float = 2.0
@@ -133,11 +136,13 @@ class SpikeDecoderConfig:
         window = self.attn_window
         windows = window if isinstance(window, (list, tuple)) else [window] if window is not None else []
         need(
-            all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows)
-            and (not isinstance(window, (list, tuple)) or len(window) == self.n_head),
-            f"attn_window must be None (whole context), an integer >= 1, or a list of n_head={self.n_head} such "
-            f"integers (one window per head), got {window!r}",
+            all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows)
+            and (not isinstance(window, (list, tuple)) or len(window) == self.n_head)
+            and (isinstance(window, (list, tuple)) or window != 0),
+            f"attn_window must be None (whole context), an integer >= 1, or a list of n_head={self.n_head} integers "
+            f"(one window per head, 0 = that head sees the whole context), got {window!r}",
         )
+        choice("attn_norm", ATTN_NORMS)
         if isinstance(window, tuple):
             self.attn_window = list(window)
         if isinstance(self.attn_scale, str):
@@ -207,6 +212,13 @@ class SpikeDecoderConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def head_windows(self) -> list[int | None]:
+        """The window of each attention head, None where it sees the whole context."""
+        w = self.attn_window
+        per_head = w if isinstance(w, list) else [w] * self.n_head
+        return [None if x in (None, 0) else x for x in per_head]
 
     @property
     def scale(self) -> float:

@@ -73,7 +73,83 @@ def test_window_incremental_decoding_is_exact(residual: int, window) -> None:
     assert kept == 4, "decoding keeps only window-1 keys, so the cost per token does not grow"
 
 
-@pytest.mark.parametrize("window", [0, [2, 0, 2, 2], [2, 4], True])
+@pytest.mark.parametrize("window", [0, [2, -1, 2, 2], [2, 4], True])
 def test_window_must_be_positive_and_one_per_head(window) -> None:
     with pytest.raises(ValueError, match="attn_window"):
         SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, attn_window=window)
+
+
+# ---------------------------------------------------------------------------------------------- long-range heads
+def _shipped(**overrides) -> SpikeDecoder:
+    """A tiny model at the shipped neuron defaults (threshold 1, scale 0.125), random weights."""
+    torch.manual_seed(0)
+    cfg = SpikeDecoderConfig.from_preset(
+        "spikedecoder",
+        **{**dict(vocab_size=20, max_len=112, n_layer=2, n_head=4, n_embd=32, timesteps=2, av_norm=True), **overrides},
+    )
+    return SpikeDecoder(cfg).eval()
+
+
+LONG_MODES = [
+    dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=offset)
+    for residual in (0, 1, 2)
+    for window in ([2, 0, 3, 0], None)
+    for norm, offset in (("none", False), ("coincidence", False), ("none", True), ("coincidence", True))
+]
+
+
+@pytest.mark.parametrize("mode", LONG_MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_long_range_decoding_is_exact_for_100_tokens(mode: dict) -> None:
+    """Token-by-token decoding (after a 4-token prefill) equals the full forward bit for bit, for per-head mixes of
+    window and whole-context heads, with and without the offset and the coincidence normaliser."""
+    model = _shipped(**mode)
+    with torch.no_grad():  # a trained-looking offset, so that the offset path computes something
+        for block in model.blocks:
+            if block.attn.offset is not None:
+                block.attn.offset.copy_(torch.tensor([0.01, 0.04, 0.02, 0.05]).view(4, 1, 1))
+    x = torch.randint(0, 20, (2, 104), generator=torch.Generator().manual_seed(3))
+    changed = x.clone()
+    changed[:, :10] = (changed[:, :10] + 1) % 20
+    with torch.no_grad(), batch_invariant():
+        full = model(x)
+        cache = model.new_cache()
+        steps = [model(x[:, :4], cache)] + [model(x[:, i : i + 1], cache) for i in range(4, 104)]
+        far = (model(changed) - full)[:, 50:].abs().amax()
+    assert torch.equal(torch.cat(steps, dim=1), full)
+    assert far > 0, "the first tokens must still reach position 50+ through the whole-context heads"
+    state = cache.layers[0]
+    if mode["residual"] != 2:  # fixed-size state: S (d_h x d_h), z and sum v for the long heads, W-1 keys for the rest
+        assert state["kv"].shape[-2:] == (8, 8)
+        assert "k" not in state or state["k"].shape[-2] == 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mode", [dict(attn_window=[2, 0, 3, 0], attn_norm="coincidence", attn_offset=True)])
+def test_long_range_heads_are_causal(mode: dict, training: bool) -> None:
+    model = _shipped(**mode).train(training)
+    x = torch.randint(0, 20, (2, 40), generator=torch.Generator().manual_seed(4))
+    changed = x.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 20
+    with torch.no_grad():
+        diff = (model(changed) - model(x)).abs().amax(dim=(0, 2))
+    assert torch.all(diff[:20] == 0), "a change must never reach earlier positions"
+    assert diff[20:].max() > 0
+
+
+def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
+    """attn_norm='coincidence': y_i = sum_j (q_i.k_j) v_j / sum_j q_i.k_j, checked against the formula."""
+    model = _shipped(attn_norm="coincidence")
+    attn = model.blocks[0].attn
+    g = torch.Generator().manual_seed(5)
+    q, k, v = ((torch.rand(1, 1, 4, 9, 8, generator=g) < 0.4).float() for _ in range(3))
+    y = attn._running_sum(q, k, v, None)
+    scores = torch.einsum("tbhid,tbhjd->tbhij", q, k).tril()
+    expected = (scores @ v) / scores.sum(-1, keepdim=True).clamp(min=1)
+    assert torch.allclose(y, expected)
+    assert y.max() <= 1 and y.min() >= 0
+
+
+@pytest.mark.parametrize("field, value", [("attn_norm", "softmax"), ("attn_window", [2, 0, 0])])
+def test_long_range_switches_are_validated(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, **{field: value})
