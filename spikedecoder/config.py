@@ -67,7 +67,7 @@ class SpikeDecoderConfig:
     norm: str = "layer"
     attn_scale: float | str = 0.125
     first_attn_lif: bool = False
-    attn_window: int | list[int] | None = None  # spiking attention sees only the last W tokens (or W per head, 0 = all)
+    attn_window: int | list[int] | None = None  # the last W tokens; or W per head (0 = all), repeated over the heads
     attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
     attn_offset: bool = False  # a learned score offset per head: y = sum_j (q.k_j - b_h) v_j
     av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
@@ -137,10 +137,11 @@ class SpikeDecoderConfig:
         windows = window if isinstance(window, (list, tuple)) else [window] if window is not None else []
         need(
             all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows)
-            and (not isinstance(window, (list, tuple)) or len(window) == self.n_head)
+            and (not isinstance(window, (list, tuple)) or (len(window) >= 1 and self.n_head % len(window) == 0))
             and (isinstance(window, (list, tuple)) or window != 0),
-            f"attn_window must be None (whole context), an integer >= 1, or a list of n_head={self.n_head} integers "
-            f"(one window per head, 0 = that head sees the whole context), got {window!r}",
+            f"attn_window must be None (whole context), an integer >= 1, or a list of integers, one per head "
+            f"(0 = that head sees the whole context), whose length divides n_head={self.n_head} (it repeats over "
+            f"the heads: [2, 0] with 4 heads is [2, 0, 2, 0]), got {window!r}",
         )
         choice("attn_norm", ATTN_NORMS)
         if isinstance(window, tuple):
@@ -217,7 +218,7 @@ class SpikeDecoderConfig:
     def head_windows(self) -> list[int | None]:
         """The window of each attention head, None where it sees the whole context."""
         w = self.attn_window
-        per_head = w if isinstance(w, list) else [w] * self.n_head
+        per_head = w * (self.n_head // len(w)) if isinstance(w, list) else [w] * self.n_head
         return [None if x in (None, 0) else x for x in per_head]
 
     @property

@@ -73,8 +73,8 @@ def test_window_incremental_decoding_is_exact(residual: int, window) -> None:
     assert kept == 4, "decoding keeps only window-1 keys, so the cost per token does not grow"
 
 
-@pytest.mark.parametrize("window", [0, [2, -1, 2, 2], [2, 4], True])
-def test_window_must_be_positive_and_one_per_head(window) -> None:
+@pytest.mark.parametrize("window", [0, [2, -1, 2, 2], [2, 4, 8], [], True])
+def test_window_must_be_valid_and_divide_the_heads(window) -> None:
     with pytest.raises(ValueError, match="attn_window"):
         SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, attn_window=window)
 
@@ -149,7 +149,13 @@ def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
     assert y.max() <= 1 and y.min() >= 0
 
 
-@pytest.mark.parametrize("field, value", [("attn_norm", "softmax"), ("attn_window", [2, 0, 0])])
+@pytest.mark.parametrize("field, value", [("attn_norm", "softmax"), ("attn_window", [2, 0, 0]), ("attn_window", [])])
 def test_long_range_switches_are_validated(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, **{field: value})
+
+
+def test_a_short_window_list_repeats_over_the_heads() -> None:
+    cfg = SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, attn_window=[2, 0])
+    assert cfg.head_windows == [2, None, 2, None]
+    assert SpikeDecoder(cfg).blocks[0].attn.long == [1, 3]
