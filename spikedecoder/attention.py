@@ -64,8 +64,9 @@ class SpikingSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.scale = cfg.scale
         self.in_lif = None if input_spikes else make_lif(cfg, e)
-        self.q, self.k, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(3))
-        self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
+        self.key_conv = cfg.attn_key_conv
+        self.q, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(2))
+        self.k = LinearNorm(2 * e if self.key_conv else e, e, cfg.norm, cfg.bias)
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
         windows = cfg.head_windows
@@ -90,7 +91,7 @@ class SpikingSelfAttention(nn.Module):
         if self.in_lif is not None:
             x = self.in_lif(x)
         q = split_heads(self.q_lif(self.q(x)), self.n_head)  # (T, B, H, S, d_h) spikes
-        k = split_heads(self.k_lif(self.k(x)), self.n_head)
+        k = split_heads(self.k_lif(self.k(self._with_previous(x, state) if self.key_conv else x)), self.n_head)
         v = split_heads(self.v_lif(self.v(x)), self.n_head)
         if self.binary_scores:
             y = self._binary_scores(q, k, v, state)
@@ -109,6 +110,17 @@ class SpikingSelfAttention(nn.Module):
         y = self.attn_lif(y)
         y = self.proj(y)
         return self.out_lif(y) if self.out_lif is not None else y
+
+    @staticmethod
+    def _with_previous(x: Tensor, state: dict | None) -> Tensor:
+        """[x_i, x_{i-1}] (zeros before the first token): a key reads its token and the one before (a causal
+        convolution of width 2), so one layer can bind a value to the token that preceded it. Decoding keeps the
+        last token's input."""
+        first = x.new_zeros(x[..., :1, :].shape) if state is None or "x_prev" not in state else state["x_prev"]
+        previous = torch.cat([first, x[..., :-1, :]], dim=-2)
+        if state is not None:
+            state["x_prev"] = x[..., -1:, :]
+        return torch.cat([x, previous], dim=-1)
 
     def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Whole-context heads: y_i = q_i S_i, S_i = sum_{j<=i} k_j^T v_j; decoding keeps S (and z, sum v)."""

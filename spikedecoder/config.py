@@ -69,6 +69,7 @@ class SpikeDecoderConfig:
     first_attn_lif: bool = False
     attn_window: int | list[int] | None = None  # the last W tokens; or W per head (0 = all), repeated over the heads
     attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
+    attn_key_conv: bool = False  # keys read the previous token too (a causal convolution of width 2 before K)
     attn_offset: bool = False  # a learned score offset per head: y = sum_j (q.k_j - b_h) v_j
     av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
     # LIF neuron (SPEC section 2)

@@ -91,17 +91,23 @@ def _shipped(**overrides) -> SpikeDecoder:
 
 
 LONG_MODES = [
-    dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=offset)
+    dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=offset, attn_key_conv=conv)
     for residual in (0, 1, 2)
     for window in ([2, 0, 3, 0], None)
-    for norm, offset in (("none", False), ("coincidence", False), ("none", True), ("coincidence", True))
+    for norm, offset, conv in (
+        ("none", False, False),
+        ("coincidence", False, True),
+        ("none", True, False),
+        ("coincidence", True, True),
+    )
 ]
 
 
 @pytest.mark.parametrize("mode", LONG_MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_long_range_decoding_is_exact_for_100_tokens(mode: dict) -> None:
     """Token-by-token decoding (after a 4-token prefill) equals the full forward bit for bit, for per-head mixes of
-    window and whole-context heads, with and without the offset and the coincidence normaliser."""
+    window and whole-context heads, with and without the offset, the coincidence normaliser and the key
+    convolution."""
     model = _shipped(**mode)
     with torch.no_grad():  # a trained-looking offset, so that the offset path computes something
         for block in model.blocks:
@@ -121,10 +127,14 @@ def test_long_range_decoding_is_exact_for_100_tokens(mode: dict) -> None:
     if mode["residual"] != 2:  # fixed-size state: S (d_h x d_h), z and sum v for the long heads, W-1 keys for the rest
         assert state["kv"].shape[-2:] == (8, 8)
         assert "k" not in state or state["k"].shape[-2] == 2
+    if mode["attn_key_conv"]:
+        assert state["x_prev"].shape[-2] == 1
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("mode", [dict(attn_window=[2, 0, 3, 0], attn_norm="coincidence", attn_offset=True)])
+@pytest.mark.parametrize(
+    "mode", [dict(attn_window=[2, 0, 3, 0], attn_norm="coincidence", attn_offset=True, attn_key_conv=True)]
+)
 def test_long_range_heads_are_causal(mode: dict, training: bool) -> None:
     model = _shipped(**mode).train(training)
     x = torch.randint(0, 20, (2, 40), generator=torch.Generator().manual_seed(4))
