@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
-from spikedecoder.cli import parse_value
-from spikedecoder.train import param_groups
+from spikedecoder.optim import param_groups
+from spikedecoder.settings import parse_value
 
 PAD, SEP = 0, 1
 N_KEYS = N_VALUES = 32
@@ -159,7 +159,7 @@ def _worker(args: tuple) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per variant")
+    parser.add_argument("--steps", type=int, default=700, help="training steps per variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (a quarter per task)")

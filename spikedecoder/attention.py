@@ -56,7 +56,12 @@ class SpikingSelfAttention(nn.Module):
     the values, whatever the context length). Every sum is of small integers, exact in float32, and the offset and
     division are the same float ops on the same integers in the full forward and in decoding: both agree bit for bit.
     With `binary_scores` (spiking residual degree 2) the score map is itself passed through a LIF, so A V multiplies
-    two binary operands; decoding then keeps K and V instead of the running sum."""
+    two binary operands; decoding then keeps K and V instead of the running sum.
+
+    Energy places (energy_places.py): Q K^T and its mask are `scores`, A V and the scaling `values`; the
+    normaliser's and the offset's sums, products and divisions `state`."""
+
+    energy_group = "attention"
 
     def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool, output_lif: bool = False):
         super().__init__()
@@ -67,6 +72,7 @@ class SpikingSelfAttention(nn.Module):
         self.key_conv = cfg.attn_key_conv
         self.q, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(2))
         self.k = LinearNorm(2 * e if self.key_conv else e, e, cfg.norm, cfg.bias)
+        self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
         windows = cfg.head_windows
@@ -104,7 +110,8 @@ class SpikingSelfAttention(nn.Module):
             long = self._running_sum(*(t.index_select(2, pick[0]) for t in (q, k, v)), state)
             local = self._window(*(t.index_select(2, pick[1]) for t in (q, k, v)), state)
             y = torch.cat([long, local], dim=2).index_select(2, self.inverse)
-        y = merge_heads(y) * self.scale
+        with energy_scope("values"):
+            y = merge_heads(y) * self.scale
         if self.av_norm is not None:
             y = self.av_norm(y)
         y = self.attn_lif(y)
@@ -124,20 +131,24 @@ class SpikingSelfAttention(nn.Module):
 
     def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Whole-context heads: y_i = q_i S_i, S_i = sum_{j<=i} k_j^T v_j; decoding keeps S (and z, sum v)."""
-        mask = causal_mask(q.shape[-2], 0, q.device)
-        scores = (q @ k.transpose(-1, -2)) * mask  # coincidence counts, future zeroed
-        y = scores @ v
-        den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
-        vsum = v.cumsum(-2) if self.offset is not None else None
-        if state is not None:
-            if "kv" in state:
-                y = y + q @ state["kv"]
-                den = den + q @ state["z"] if den is not None else None
-                vsum = vsum + state["vsum"] if vsum is not None else None
-            sums = {"kv": k.transpose(-1, -2) @ v, "z": k.sum(-2)[..., None], "vsum": v.sum(-2, keepdim=True)}
-            for name, chunk in sums.items():
-                state[name] = state[name] + chunk if name in state else chunk
-        return self._finish(y, den, vsum, self.long)
+        with energy_scope("scores"):
+            scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], 0, q.device)  # counts, future zeroed
+        with energy_scope("values"):
+            y = scores @ v
+            if state is not None:
+                if "kv" in state:
+                    y = y + q @ state["kv"]
+                state["kv"] = k.transpose(-1, -2) @ v + (state["kv"] if "kv" in state else 0)
+        with energy_scope("state"):
+            den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
+            vsum = v.cumsum(-2) if self.offset is not None else None
+            if state is not None:
+                if "z" in state:
+                    den = den + q @ state["z"] if den is not None else None
+                    vsum = vsum + state["vsum"] if vsum is not None else None
+                state["z"] = k.sum(-2)[..., None] + (state["z"] if "z" in state else 0)
+                state["vsum"] = v.sum(-2, keepdim=True) + (state["vsum"] if "vsum" in state else 0)
+            return self._finish(y, den, vsum, self.long)
 
     def _window(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Window heads: an explicit score map over the last W keys; decoding keeps the last W-1 keys and values
@@ -147,10 +158,14 @@ class SpikingSelfAttention(nn.Module):
                 k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
             state["k"], state["v"] = k[..., k.shape[-2] - self.keep :, :], v[..., v.shape[-2] - self.keep :, :]
         mask = causal_mask(q.shape[-2], k.shape[-2] - q.shape[-2], q.device, self.local_window)
-        scores = (q @ k.transpose(-1, -2)) * mask
-        den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
-        vsum = mask.to(v.dtype) @ v if self.offset is not None else None
-        return self._finish(scores @ v, den, vsum, self.local)
+        with energy_scope("scores"):
+            scores = (q @ k.transpose(-1, -2)) * mask
+        with energy_scope("values"):
+            y = scores @ v
+        with energy_scope("state"):
+            den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
+            vsum = mask.to(v.dtype) @ v if self.offset is not None else None
+            return self._finish(y, den, vsum, self.local)
 
     def _finish(self, y: Tensor, den: Tensor | None, vsum: Tensor | None, heads: list[int]) -> Tensor:
         if vsum is not None:
@@ -174,10 +189,14 @@ class SpikingSelfAttention(nn.Module):
         past = k.shape[-2] - q.shape[-2]
         window = None if not self.local else self.local_window if not self.long else self.windows
         mask = causal_mask(q.shape[-2], past, q.device, window)
-        scores = self.score_lif((q @ k.transpose(-1, -2)) * mask * self.score_gain)
-        den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
-        vsum = mask.to(v.dtype) @ v if self.offset is not None else None
-        return self._finish(scores @ v, den, vsum, list(range(self.n_head)))
+        with energy_scope("scores"):
+            scores = self.score_lif((q @ k.transpose(-1, -2)) * mask * self.score_gain)
+        with energy_scope("values"):
+            y = scores @ v
+        with energy_scope("state"):
+            den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
+            vsum = mask.to(v.dtype) @ v if self.offset is not None else None
+            return self._finish(y, den, vsum, list(range(self.n_head)))
 
 
 class SoftmaxAttention(nn.Module):

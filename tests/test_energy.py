@@ -12,7 +12,7 @@ from conftest import tiny_model
 from torch import nn
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
-from spikedecoder.attention import SoftmaxAttention, causal_mask
+from spikedecoder.attention import SoftmaxAttention, SpikingSelfAttention, causal_mask
 from spikedecoder.energy import (
     PRESETS,
     compare_reports,
@@ -121,6 +121,41 @@ def test_a_window_per_head_charges_only_the_pairs_each_head_sees():
     # same q_i . k_j table as above; head 0 (j = i): 1 + 2 + 2 = 5; head 1 (j in i-1, i): 1 + (0 + 2) + (0 + 2) = 5
     ops = count_ops(InBlock("attn", WindowedCoincidence()), torch.stack([q, k]).unsqueeze(1).expand(2, 2, 3, 4))
     assert ops.place("block0.attention.scores")["ac"] == 10
+
+
+def test_normaliser_and_offset_charge_their_sums_and_divisions_to_state():
+    """attn_norm + attn_offset on whole-context heads, by hand: the row sums of the (integer) score map (S-1 adds
+    per row), the running count of each value channel (an add where a spike arrives), the offset's multiply and
+    subtract per output, the clamp (a comparison per row) and one division per output."""
+    torch.manual_seed(0)
+    cfg = SpikeDecoderConfig.from_preset(
+        "spikedecoder", vocab_size=V, max_len=8, n_layer=1, n_head=2, n_embd=8, attn_norm="coincidence",
+        attn_offset=True, timesteps=1,
+    )  # fmt: skip
+    attn = SpikingSelfAttention(cfg, input_spikes=True)
+    with torch.no_grad():
+        attn.offset.copy_(torch.tensor([0.3, 0.7]).view(2, 1, 1))  # a trained offset (zeros would read as spikes)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = ((torch.rand(1, 1, 2, 6, 4, generator=g) < 0.5).float() for _ in range(3))
+
+    class State(nn.Module):
+        energy_group = "attention"
+
+        def __init__(self):
+            super().__init__()
+            self.offset = attn.offset  # a parameter of the counted model (a constant), as inside SpikeDecoder
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return attn._running_sum(*x.unbind(0), None)
+
+    ops = count_ops(InBlock("attn", State()), torch.stack([q, k, v]))
+    rows, outputs = 2 * 6, 2 * 6 * 4
+    assert ops.place("block0.attention.state") == {
+        "add": rows * 5 + int(v.sum()) + outputs,  # row sums, running value counts, subtracting the offset term
+        "mul": outputs,
+        "cmp": rows,
+        "div": outputs,
+    }
 
 
 def softmax_attention_ops(s: int, e: int, h: int) -> dict[str, dict[str, int]]:
@@ -278,6 +313,8 @@ VARIANTS = [
     ("spikedecoder", {"token_code": "binary", "position_code": "sinusoidal", "combine": "concat"}),
     ("spikedecoder", {"attn_window": 4}),
     ("spikedecoder", {"attn_window": [2, 4], "av_norm": True, "combine": "concat"}),
+    ("spikedecoder", {"attn_window": [2, 0], "attn_norm": "coincidence", "attn_offset": True, "attn_key_conv": True}),
+    ("spikedecoder", {"residual": 2, "attn_window": [0, 3], "attn_norm": "coincidence", "attn_offset": True}),
     ("spiking-attention", {"encoding": "rate"}),
 ]
 
@@ -288,8 +325,8 @@ def test_every_operation_is_priced_and_placed(preset, overrides):
     assert ops.unpriced == {}
     known = {
         "embedding", "head", "head.lif", "head.norms", "residual", "attention.qkv", "attention.scores",
-        "attention.values", "attention.proj", "attention.norms", "attention.lif", "mlp.fc1", "mlp.fc2", "mlp.act",
-        "mlp.norms", "mlp.lif",
+        "attention.values", "attention.state", "attention.proj", "attention.norms", "attention.lif", "mlp.fc1",
+        "mlp.fc2", "mlp.act", "mlp.norms", "mlp.lif",
     }  # fmt: skip
     assert {subblock(p) for p in ops.counts} <= known
     assert ops.total("ac_fanout") >= ops.total("ac")

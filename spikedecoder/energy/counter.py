@@ -232,6 +232,11 @@ class _OpCounter(TorchDispatchMode):
             reduced = first.numel() - res.numel()
             self._add(place, "cmp" if name in ("amax", "amin", "max", "min") else "add", reduced)
             return self._add(place, "mul", res.numel() if name == "mean" and reduced else 0)
+        if name == "cumsum" and first is not None:  # a running count: one add per element after the first of a row
+            binary = self._spikes(first)
+            per_row = first.shape[a["dim"]] if first.dim() else 1
+            adds = int(first.count_nonzero()) if binary else first.numel() - first.numel() // max(per_row, 1)
+            return self._add(place, "add", adds)  # on spikes the count only moves where a spike arrives
         if name in ("embedding", "index"):
             return self._add(place, "mem", res.numel())  # a table lookup: reads, no arithmetic
         self.unpriced[str(func)] += 1

@@ -141,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- output
 _ORDER = [
-    "embedding", "attention.qkv", "attention.scores", "attention.values", "attention.proj", "attention.norms",
-    "attention.lif", "mlp.fc1", "mlp.act", "mlp.fc2", "mlp.norms", "mlp.lif", "residual", "head.norms", "head.lif",
-    "head",
+    "embedding", "attention.qkv", "attention.scores", "attention.values", "attention.state", "attention.proj",
+    "attention.norms", "attention.lif", "mlp.fc1", "mlp.act", "mlp.fc2", "mlp.norms", "mlp.lif", "residual",
+    "head.norms", "head.lif", "head",
 ]  # fmt: skip
 
 
