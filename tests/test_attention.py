@@ -169,3 +169,29 @@ def test_a_short_window_list_repeats_over_the_heads() -> None:
     cfg = SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, attn_window=[2, 0])
     assert cfg.head_windows == [2, None, 2, None]
     assert SpikeDecoder(cfg).blocks[0].attn.long == [1, 3]
+
+
+def test_degree_2_attention_fires_at_make_runs_settings() -> None:
+    """configs/run.toml's spikedecoder with residual=2, thresholds and scale untouched (1 and 0.125), freshly built:
+    the score LIFs and the attention-output LIFs of every block fire (they stayed silent, rate 0.0, when the
+    score LIF saw the count times 0.125)."""
+    from pathlib import Path
+
+    from spikedecoder.neurons import LIF
+    from spikedecoder.settings import load_config_file, model_config
+
+    run = Path(__file__).resolve().parents[1] / "configs" / "run.toml"
+    cfg = model_config(load_config_file(str(run), ["model.residual=2", 'model.lif_backend="loop"']), "spikedecoder")
+    assert (cfg.residual, cfg.v_threshold, cfg.scale) == (2, 1.0, 0.125)
+    torch.manual_seed(0)
+    model = SpikeDecoder(cfg).eval()
+    rates: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LIF) and name.endswith(("score_lif", "attn.attn_lif")):
+            module.register_forward_hook(lambda m, i, out, name=name: rates.__setitem__(name, out.mean().item()))
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (2, cfg.max_len), generator=torch.Generator().manual_seed(0)))
+    assert len(rates) == 2 * cfg.n_layer
+    seen = causal_mask(cfg.max_len, 0, torch.device("cpu"), cfg.attn_window).float().mean().item()
+    for name, rate in rates.items():  # a score rate is over the whole map: per pair a window head sees, it is higher
+        assert (rate / seen if "score" in name else rate) > 0.002, rates
