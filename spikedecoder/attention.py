@@ -122,12 +122,18 @@ class SpikingSelfAttention(nn.Module):
     def _with_previous(x: Tensor, state: dict | None) -> Tensor:
         """[x_i, x_{i-1}] (zeros before the first token): a key reads its token and the one before (a causal
         convolution of width 2), so one layer can bind a value to the token that preceded it. Decoding keeps the
-        last token's input."""
+        last token's input. An input identical at every timestep (a stride-0 T axis: the direct-encoded embedding)
+        stays so, so the K projection on it is still computed (and charged) once, not T times."""
+        steps = x.shape[0]
+        invariant = steps > 1 and x.stride(0) == 0
+        if invariant:
+            x = x[:1]
         first = x.new_zeros(x[..., :1, :].shape) if state is None or "x_prev" not in state else state["x_prev"]
-        previous = torch.cat([first, x[..., :-1, :]], dim=-2)
+        previous = torch.cat([first[: x.shape[0]], x[..., :-1, :]], dim=-2)
         if state is not None:
-            state["x_prev"] = x[..., -1:, :]
-        return torch.cat([x, previous], dim=-1)
+            state["x_prev"] = x[..., -1:, :].expand(steps, *x.shape[1:-2], 1, x.shape[-1])
+        out = torch.cat([x, previous], dim=-1)
+        return out.expand(steps, *out.shape[1:]) if invariant else out
 
     def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Whole-context heads: y_i = q_i S_i, S_i = sum_{j<=i} k_j^T v_j; decoding keeps S (and z, sum v)."""

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
-from spikedecoder.attention import causal_mask
+from spikedecoder.attention import SpikingSelfAttention, causal_mask
 from spikedecoder.layers import batch_invariant
 
 
@@ -195,3 +195,15 @@ def test_degree_2_attention_fires_at_make_runs_settings() -> None:
     seen = causal_mask(cfg.max_len, 0, torch.device("cpu"), cfg.attn_window).float().mean().item()
     for name, rate in rates.items():  # a score rate is over the whole map: per pair a window head sees, it is higher
         assert (rate / seen if "score" in name else rate) > 0.002, rates
+
+
+def test_key_conv_keeps_a_time_invariant_input_invariant():
+    """The direct-encoded embedding is one tensor expanded over T: the key convolution must keep it so (the K
+    projection then runs, and is charged, once) and give exactly what a materialised input gives, in decoding too."""
+    x = torch.randint(0, 2, (1, 2, 5, 8)).float().expand(4, 2, 5, 8)
+    out = SpikingSelfAttention._with_previous(x, None)
+    assert out.stride(0) == 0 and out.shape == (4, 2, 5, 16)
+    assert torch.equal(out, SpikingSelfAttention._with_previous(x.contiguous(), None))
+    state: dict = {}
+    steps = [SpikingSelfAttention._with_previous(x[:, :, i : i + 1], state) for i in range(5)]
+    assert torch.equal(torch.cat(steps, dim=2), out)
