@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -581,8 +583,11 @@ def spikingjelly_counters():
     return pytest.importorskip("spikingjelly.activation_based.op_counter")
 
 
-# make run's spikedecoder (configs/run.toml: concatenated codes, a window of 2, A V normalised) at tiny width
-MAKE_RUN = {"combine": "concat", "attn_window": 2, "av_norm": True, "lif_backend": "fused"}
+# make run's spikedecoder at tiny width: configs/run.toml's own preset section, so the check follows the shipped config
+MAKE_RUN = {
+    **tomllib.loads((Path(__file__).parents[1] / "configs" / "run.toml").read_text())["presets"]["spikedecoder"],
+    "lif_backend": "fused",
+}
 
 
 def kill_half_the_gelus(model: SpikeDecoder) -> None:
