@@ -70,7 +70,7 @@ def recall_block(path: Path) -> str:
         by_variant.setdefault(r["variant"], {})[(r["task"], r["pairs"])] = r["accuracy"]
     rows = [[v, *(f"{acc[c]:.3f}" if c in acc else "-" for c in columns)] for v, acc in by_variant.items()]
     header = ["variant", "MQAR 4 pairs", "MQAR 8 pairs", "MQAR 16 pairs", "copy"]
-    return table(header, rows, "|---|---:|---:|---:|---:|") + f"\n\nFrom `{path.name}` (`benchmarks/recall.py --json`)."
+    return table(header, rows, "|---|---:|---:|---:|---:|") + f"\n\nFrom `{path}` (`python benchmarks/recall.py --json > {path}`)."
 
 
 def decode_block(path: Path) -> str:
@@ -81,7 +81,7 @@ def decode_block(path: Path) -> str:
         for r in rows
     ]
     header = ["width", "engine", "ms / token", "tokens / s", "weight MiB read / token"]
-    return table(header, out, "|---:|---|---:|---:|---:|") + f"\n\nFrom `{path.name}` (`benchmarks/decode.py --json`)."
+    return table(header, out, "|---:|---|---:|---:|---:|") + f"\n\nFrom `{path}` (`python benchmarks/decode.py --json > {path}`)."
 
 
 def replace_block(text: str, name: str, body: str) -> str:
