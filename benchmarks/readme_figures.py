@@ -70,7 +70,8 @@ def recall_block(path: Path) -> str:
         by_variant.setdefault(r["variant"], {})[(r["task"], r["pairs"])] = r["accuracy"]
     rows = [[v, *(f"{acc[c]:.3f}" if c in acc else "-" for c in columns)] for v, acc in by_variant.items()]
     header = ["variant", "MQAR 4 pairs", "MQAR 8 pairs", "MQAR 16 pairs", "copy"]
-    return table(header, rows, "|---|---:|---:|---:|---:|") + f"\n\nFrom `{path}` (`python benchmarks/recall.py --json > {path}`)."
+    source = f"\n\nFrom `{path}` (`python benchmarks/recall.py --json > {path}`)."
+    return table(header, rows, "|---|---:|---:|---:|---:|") + source
 
 
 def decode_block(path: Path) -> str:
@@ -81,7 +82,8 @@ def decode_block(path: Path) -> str:
         for r in rows
     ]
     header = ["width", "engine", "ms / token", "tokens / s", "weight MiB read / token"]
-    return table(header, out, "|---:|---|---:|---:|---:|") + f"\n\nFrom `{path}` (`python benchmarks/decode.py --json > {path}`)."
+    source = f"\n\nFrom `{path}` (`python benchmarks/decode.py --json > {path}`)."
+    return table(header, out, "|---:|---|---:|---:|---:|") + source
 
 
 def replace_block(text: str, name: str, body: str) -> str:
