@@ -45,6 +45,18 @@ def causal_mask(s: int, past: int, device: torch.device, window: int | tuple[int
     return torch.stack([mask if w is None else mask.triu(past - w + 1) for w in window])
 
 
+def extend_kv(state: dict | None, k: Tensor, v: Tensor, keep: int | None = None) -> tuple[Tensor, Tensor]:
+    """Prepend the cached keys/values to the new ones (decoding) and cache the last `keep` (all if None) for the
+    next call; without a state, k and v pass through."""
+    if state is None:
+        return k, v
+    if "k" in state:
+        k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
+    n = k.shape[-2] if keep is None else keep
+    state["k"], state["v"] = k[..., k.shape[-2] - n :, :], v[..., v.shape[-2] - n :, :]
+    return k, v
+
+
 class SpikingSelfAttention(nn.Module):
     """x -> LIF (unless x is already spikes) -> Q, K, V = LIF(Norm(Linear(x))) -> scale * causal(Q K^T) V
     -> LIF -> Linear -> Norm.
@@ -159,10 +171,7 @@ class SpikingSelfAttention(nn.Module):
     def _window(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Window heads: an explicit score map over the last W keys; decoding keeps the last W-1 keys and values
         (O(W) per token, still exact)."""
-        if state is not None:
-            if "k" in state:
-                k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
-            state["k"], state["v"] = k[..., k.shape[-2] - self.keep :, :], v[..., v.shape[-2] - self.keep :, :]
+        k, v = extend_kv(state, k, v, self.keep)
         mask = causal_mask(q.shape[-2], k.shape[-2] - q.shape[-2], q.device, self.local_window)
         with energy_scope("scores"):
             scores = (q @ k.transpose(-1, -2)) * mask
@@ -187,11 +196,7 @@ class SpikingSelfAttention(nn.Module):
         scores as to the counts. The gain (tau with decay_input, else 1) brings a count of v_threshold to the
         threshold at the first step: a score spikes where q and k share at least v_threshold active channels (one,
         at the default)."""
-        if state is not None:
-            if "k" in state:
-                k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
-            keep = k.shape[-2] if self.long else self.keep
-            state["k"], state["v"] = k[..., k.shape[-2] - keep :, :], v[..., v.shape[-2] - keep :, :]
+        k, v = extend_kv(state, k, v, None if self.long else self.keep)
         past = k.shape[-2] - q.shape[-2]
         window = None if not self.local else self.local_window if not self.long else self.windows
         mask = causal_mask(q.shape[-2], past, q.device, window)
@@ -223,10 +228,7 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         q, k, v = (split_heads(t, self.n_head) for t in self.qkv(self.ln(x)).chunk(3, dim=-1))
-        if state is not None:
-            if "k" in state:
-                k, v = torch.cat([state["k"], k], dim=-2), torch.cat([state["v"], v], dim=-2)
-            state["k"], state["v"] = k, v
+        k, v = extend_kv(state, k, v)
         s, past = q.shape[-2], k.shape[-2] - q.shape[-2]
         mask = causal_mask(s, past, x.device)
         drop = self.dropout if self.training else 0.0
