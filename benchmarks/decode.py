@@ -17,8 +17,9 @@ so that it fires at the rate the trained model's LIF of the same role has on the
 trained block min(i, last)); the rates reached are printed.
 
 Weight bytes read per token: ann and dense read every weight (the embedding: two rows); events reads, per event
-Linear, the union over the T steps of its active inputs' rows (each read once from memory, again from cache at the
-other steps), measured by hooks during decoding, plus every other parameter. Peak memory: the model's tensors plus
+Linear, the union over the T steps of its active inputs' rows (the compiled kernel reads each once and adds it into
+every step at which it spikes; the embedding_bag fallback, SPIKEDECODER_EVENT_KERNEL=0, reads it again from cache at
+the other steps), measured by hooks during decoding, plus every other parameter. Peak memory: the model's tensors plus
 the growth of the process's peak resident size (VmHWM, reset before each engine) while decoding.
 
 Check on the trained model (width 128): greedy generation of --check-tokens tokens through generate() (cache,

@@ -96,6 +96,7 @@ class SpikingSelfAttention(nn.Module):
         self.keep = max(local, default=1) - 1  # keys a local head still needs from the past
         self.register_buffer("inverse", torch.tensor(self.long + self.local).argsort(), persistent=False)
         self.coincidence_norm = cfg.attn_norm == "coincidence"
+        self.power = cfg.attn_power
         self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
         self.score_lif = make_lif(cfg) if self.binary_scores else None
         self.score_gain = cfg.tau if cfg.decay_input else 1.0
@@ -147,10 +148,25 @@ class SpikingSelfAttention(nn.Module):
         out = torch.cat([x, previous], dim=-1)
         return out.expand(steps, *out.shape[1:]) if invariant else out
 
-    def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
-        """Whole-context heads: y_i = q_i S_i, S_i = sum_{j<=i} k_j^T v_j; decoding keeps S (and z, sum v)."""
+    def _scores(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+        """Coincidence counts q.k, future (and out-of-window) pairs zeroed; with attn_power = 2 their squares
+        (q.k)^2 = pairs(q).pairs(k), where pairs(x) is the AND of every two channels: still binary features."""
         with energy_scope("scores"):
-            scores = (q @ k.transpose(-1, -2)) * causal_mask(q.shape[-2], 0, q.device)  # counts, future zeroed
+            scores = (q @ k.transpose(-1, -2)) * mask
+            return scores * scores if self.power == 2 else scores
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The binary feature map whose dot products are the scores: x itself, or the AND of every pair of its
+        channels for attn_power = 2 (d_h^2 features, so the decoding state is d_h^2 x d_h)."""
+        return (x[..., :, None] * x[..., None, :]).flatten(-2) if self.power == 2 else x
+
+    def _running_sum(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
+        """Whole-context heads: y_i = phi(q_i) S_i, S_i = sum_{j<=i} phi(k_j)^T v_j; decoding keeps S (and z,
+        sum v). phi is the identity unless attn_power = 2."""
+        scores = self._scores(q, k, causal_mask(q.shape[-2], 0, q.device))
+        if state is not None:
+            with energy_scope("scores"):
+                q, k = self._features(q), self._features(k)
         with energy_scope("values"):
             y = scores @ v
             if state is not None:
@@ -173,8 +189,7 @@ class SpikingSelfAttention(nn.Module):
         (O(W) per token, still exact)."""
         k, v = extend_kv(state, k, v, self.keep)
         mask = causal_mask(q.shape[-2], k.shape[-2] - q.shape[-2], q.device, self.local_window)
-        with energy_scope("scores"):
-            scores = (q @ k.transpose(-1, -2)) * mask
+        scores = self._scores(q, k, mask)
         with energy_scope("values"):
             y = scores @ v
         with energy_scope("state"):

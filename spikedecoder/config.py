@@ -70,6 +70,7 @@ class SpikeDecoderConfig:
     attn_window: int | list[int] | None = None  # the last W tokens; or W per head (0 = all), repeated over the heads
     attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
     attn_key_conv: bool = False  # keys read the previous token too (a causal convolution of width 2 before K)
+    attn_power: int = 1  # 2: square the coincidence counts, (q.k)^2, a sharper lookup (decoding state d_h^2 x d_h)
     attn_offset: bool = False  # a learned score offset per head: y = sum_j (q.k_j - b_h) v_j
     av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
     # LIF neuron (SPEC section 2)
@@ -145,6 +146,7 @@ class SpikeDecoderConfig:
             f"the heads: [2, 0] with 4 heads is [2, 0, 2, 0]), got {window!r}",
         )
         choice("attn_norm", ATTN_NORMS)
+        need(self.attn_power in (1, 2), f"attn_power must be 1 (counts q.k) or 2 (squared), got {self.attn_power!r}")
         if isinstance(window, tuple):
             self.attn_window = list(window)
         if isinstance(self.attn_scale, str):
@@ -163,13 +165,18 @@ class SpikeDecoderConfig:
     def _reject_ignored_settings(self, need) -> None:
         """Settings that would be silently ignored (or do nothing) in this combination: say so instead."""
         if self.attention == "softmax":
-            for name, off in (("attn_window", None), ("av_norm", False), ("first_attn_lif", False)):
+            for name, off in (("attn_window", None), ("av_norm", False), ("first_attn_lif", False), ("attn_power", 1)):
                 value = getattr(self, name)
                 need(
                     value == off,
                     f"{name}={value!r} only applies to spiking attention, but attention='softmax' ignores it; "
                     f"remove {name} (or set it to {off!r}) or use attention='spiking'",
                 )
+        need(
+            self.residual != 2 or self.attn_power == 1,
+            "attn_power=2 squares coincidence counts, but residual=2 passes them through a LIF (binary scores, "
+            "whose squares are themselves); remove attn_power or use residual 0 or 1",
+        )
         trained = ("learned", "float", "sinusoidal")
         need(
             self.code_dim is None

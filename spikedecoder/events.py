@@ -6,8 +6,11 @@ cache, the head's combine) as it is, so a change to the attention mechanism keep
 
 - Linear and Linear+Norm on spikes become `EventLinear` / `EventLinearNorm`: the weight is stored transposed, (in,
   out), so each input's row is contiguous, and the output is the sum of the rows of the active inputs (accumulate
-  only, `embedding_bag(mode="sum")`), one bag per timestep and token. Rows active at several timesteps of a token
-  are read once from memory and again from cache.
+  only). The sum runs in a small C++ kernel (kernels/events.cpp, compiled on first use): per token it reads
+  the union of the active rows over the T steps once and adds each into the steps at which its input spikes. Where
+  it cannot be built (no compiler; or SPIKEDECODER_EVENT_KERNEL=0) `embedding_bag(mode="sum")` does the same sums,
+  one bag per step and token, in the same order (the same floats), about half as fast on wide layers
+  (`benchmarks/decode.py`).
 - Work whose input is identical at every timestep is done once: a tensor whose T axis (dim 0) has stride 0 holds one
   value for every step (direct encoding expands the embedding that way), so a Linear(+Norm) on it runs on step 0
   and its output is expanded again (still stride 0, so the next such module skips too).
@@ -22,6 +25,10 @@ input; at run time it checks again and falls back to the dense product on an inp
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +84,28 @@ class _Bags:
         return bags
 
 
+@functools.cache
+def event_kernel():
+    """The compiled spike_linear kernel, or None (disabled, or it failed to build: then a warning, once)."""
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = Path(__file__).parent / "kernels" / "events.cpp"
+        return load("spikedecoder_events", [str(source)], extra_cflags=["-O3", "-march=native", "-ffp-contract=off"])
+    except Exception as error:  # noqa: BLE001 - any build failure means the fallback, said once
+        warnings.warn(f"event kernel not built ({type(error).__name__}: {error}); using embedding_bag", stacklevel=2)
+        return None
+
+
 def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
-    """sum_i spikes[..., i] * rows[i] + bias without a multiply: each (step, token) is a bag of the rows of its
-    active inputs, summed by embedding_bag. rows: (in, out) contiguous; spikes: (..., in) bool."""
+    """sum_i spikes[..., i] * rows[i] + bias without a multiply, the rows of the active inputs summed per step and
+    token. rows: (in, out) contiguous float32; spikes: (T, ..., in) bool."""
+    kernel = event_kernel()
+    if kernel is not None and spikes.device.type == "cpu" and rows.dtype == torch.float32 and spikes.dim() >= 2:
+        flat = spikes.reshape(spikes.shape[0], -1, spikes.shape[-1])
+        return kernel.spike_linear(flat, rows, bias).reshape(*spikes.shape[:-1], rows.shape[1])
     out = _rows_sum(_Bags.of(spikes), rows, bias)
     return out.reshape(*spikes.shape[:-1], rows.shape[1])
 
@@ -104,10 +130,10 @@ class EventLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if time_invariant(x):
             return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
-        bags = _Bags.of(x)
-        if bags is None:  # not spikes after all: the dense product (x @ rows = x W^T)
+        spikes = x if x.dtype == torch.bool else as_spikes(x)
+        if spikes is None:  # not spikes after all: the dense product (x @ rows = x W^T)
             return F.linear(x, self.rows.t(), self.bias)
-        return _rows_sum(bags, self.rows, self.bias).reshape(*x.shape[:-1], self.out_features)
+        return spike_linear(spikes, self.rows, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight rows (in, out)"
@@ -145,6 +171,17 @@ class EventLIF(nn.Module):
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
         x = x.float() if x.dtype == torch.bool else x
+        kernel = event_kernel()
+        channels_ok = self.v_threshold.numel() in (1, x.shape[-1])
+        if kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32 and channels_ok:
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            spikes = kernel.lif(flat, self.v_threshold.reshape(-1), self.tau, self.decay_input).view(x.shape)
+        else:
+            spikes = self.steps(x)
+        return spikes if self.emit_bool else spikes.to(x.dtype)
+
+    def steps(self, x: Tensor) -> Tensor:
+        """The same LIF as tensor ops, step by step (where the kernel is not built): bool spikes."""
         spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         v = None  # membrane 0 before the first step
         for xt, st in zip(x.unbind(0), spikes.unbind(0), strict=True):
@@ -156,7 +193,7 @@ class EventLIF(nn.Module):
                 h = torch.sub(v, v / self.tau_t).add_(xt)
             torch.ge(h, self.v_threshold, out=st)  # h - th >= 0 exactly when h >= th
             v = h.masked_fill_(st, 0.0)  # hard reset
-        return spikes if self.emit_bool else spikes.to(x.dtype)
+        return spikes
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, decay_input={self.decay_input}, emit_bool={self.emit_bool}"
@@ -166,8 +203,9 @@ class EventLIF(nn.Module):
 _PASS_THROUGH = {
     Tensor.reshape, Tensor.view, Tensor.flatten, Tensor.permute, Tensor.transpose, Tensor.__getitem__,
     Tensor.contiguous, Tensor.unsqueeze, Tensor.squeeze, Tensor.expand, torch.flatten, torch.reshape,
-    torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
+    torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze, torch.cat, Tensor.new_zeros,
 }  # fmt: skip
+# torch.cat of bool spikes is bool (the key convolution's [x_i, x_{i-1}]); new_zeros reads no values, only the dtype
 
 
 class _SpikeUseTracer(TorchFunctionMode):
@@ -188,9 +226,8 @@ class _SpikeUseTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.depth:
             return out
-        users = [
-            self.owner[id(a)][0] for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and id(a) in self.owner
-        ]
+        flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, list | tuple) else (a,))]
+        users = [self.owner[id(a)][0] for a in flat if isinstance(a, Tensor) and id(a) in self.owner]
         for lif in users:
             if func in _PASS_THROUGH and isinstance(out, Tensor):
                 self.track(lif, out)

@@ -100,6 +100,11 @@ LONG_MODES = [
         ("none", True, False),
         ("coincidence", True, True),
     )
+] + [  # squared coincidences: a d_h^2 x d_h state of pair features
+    dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=True, attn_key_conv=True, attn_power=2)
+    for residual in (0, 1)
+    for window in ([2, 0, 3, 0], None)
+    for norm in ("none", "coincidence")
 ]
 
 
@@ -125,7 +130,7 @@ def test_long_range_decoding_is_exact_for_100_tokens(mode: dict) -> None:
     assert far > 0, "the first tokens must still reach position 50+ through the whole-context heads"
     state = cache.layers[0]
     if mode["residual"] != 2:  # fixed-size state: S (d_h x d_h), z and sum v for the long heads, W-1 keys for the rest
-        assert state["kv"].shape[-2:] == (8, 8)
+        assert state["kv"].shape[-2:] == (8 ** mode.get("attn_power", 1), 8)
         assert "k" not in state or state["k"].shape[-2] == 2
     if mode["attn_key_conv"]:
         assert state["x_prev"].shape[-2] == 1
@@ -144,6 +149,16 @@ def test_long_range_heads_are_causal(mode: dict, training: bool) -> None:
         diff = (model(changed) - model(x)).abs().amax(dim=(0, 2))
     assert torch.all(diff[:20] == 0), "a change must never reach earlier positions"
     assert diff[20:].max() > 0
+
+
+def test_squared_scores_follow_the_formula() -> None:
+    """attn_power=2: y_i = sum_j (q_i.k_j)^2 v_j / sum_j (q_i.k_j)^2, checked against the formula."""
+    model = _shipped(attn_norm="coincidence", attn_power=2)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = ((torch.rand(1, 1, 4, 9, 8, generator=g) < 0.4).float() for _ in range(3))
+    y = model.blocks[0].attn._running_sum(q, k, v, None)
+    scores = torch.einsum("tbhid,tbhjd->tbhij", q, k).tril() ** 2
+    assert torch.allclose(y, (scores @ v) / scores.sum(-1, keepdim=True).clamp(min=1))
 
 
 def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:

@@ -316,6 +316,7 @@ VARIANTS = [
     ("spikedecoder", {"attn_window": 4}),
     ("spikedecoder", {"attn_window": [2, 4], "av_norm": True, "combine": "concat"}),
     ("spikedecoder", {"attn_window": [2, 0], "attn_norm": "coincidence", "attn_offset": True, "attn_key_conv": True}),
+    ("spikedecoder", {"attn_window": [2, 0], "attn_norm": "coincidence", "attn_power": 2}),
     ("spikedecoder", {"residual": 2, "attn_window": [0, 3], "attn_norm": "coincidence", "attn_offset": True}),
     ("spiking-attention", {"encoding": "rate"}),
 ]

@@ -6,6 +6,7 @@ spikes)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -16,7 +17,10 @@ from spikedecoder.events import (
     EventLIF,
     EventLinear,
     EventLinearNorm,
+    _Bags,
+    _rows_sum,
     count_mismatches,
+    event_kernel,
     record_spikes,
     spike_linear,
     to_events,
@@ -44,6 +48,10 @@ MODES = {
         dict(token_code="binary", position_code="binary", combine="concat", decay_input=False),
     ),
     "residual1-batchnorm-fused-lif": ("spikedecoder", dict(residual=1, norm="batch", lif_backend="fused")),
+    "key-conv-dual-path": (
+        "spikedecoder",
+        dict(attn_window=[2, 0], attn_norm="coincidence", attn_key_conv=True, av_norm=True, combine="concat"),
+    ),
 }
 
 
@@ -92,6 +100,52 @@ def test_linear_on_spikes_is_a_sum_of_weight_rows() -> None:
     torch.testing.assert_close(event(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_compiled_kernel_gives_the_embedding_bag_floats(rate: float) -> None:
+    """The C++ kernel (each token's active rows read once, added into every step at which they spike) sums in
+    embedding_bag's order: the same floats, bit for bit, with and without a bias; a spikeless token gets the bias."""
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL") == "0":
+        pytest.skip("the event kernel is switched off (SPIKEDECODER_EVENT_KERNEL=0)")
+    kernel = event_kernel()
+    assert kernel is not None, "the event kernel did not build (see the warning above)"
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(300, 70, generator=g)
+    bias = torch.randn(70, generator=g)
+    spikes = torch.rand(4, 5, 300, generator=g) < rate
+    spikes[:, 3] = False
+    bags = _Bags.of(spikes)
+    for b in (None, bias):
+        expected = _rows_sum(bags, rows, None if b is None else b.clone()).reshape(4, 5, 70)
+        assert torch.equal(kernel.spike_linear(spikes, rows, b), expected)
+    torch.testing.assert_close(kernel.spike_linear(spikes, rows, bias)[:, 3], bias.expand(4, 70))
+
+
+@pytest.mark.parametrize("tau, decay_input, per_channel", [(2.0, True, False), (3.0, True, True), (3.0, False, True)])
+def test_compiled_lif_gives_the_tensor_ops_spikes(tau: float, decay_input: bool, per_channel: bool) -> None:
+    """The C++ LIF does EventLIF's float operations in the same order: the same spikes, bit for bit, near threshold
+    too (inputs on a grid that lands exactly on it)."""
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL") == "0":
+        pytest.skip("the event kernel is switched off (SPIKEDECODER_EVENT_KERNEL=0)")
+    channels = 48
+    lif = EventLIF(
+        LIF(
+            tau=tau,
+            decay_input=decay_input,
+            channels=channels if per_channel else None,
+            learnable_threshold="channel" if per_channel else "none",
+        )
+    )
+    if per_channel:
+        lif.v_threshold.copy_(torch.linspace(0.3, 1.7, channels))
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat(
+        [torch.randn(4, 50, channels, generator=g) * 2, torch.randint(0, 9, (4, 50, channels), generator=g) / 4]
+    )
+    expected = lif.steps(x)
+    assert torch.equal(event_kernel().lif(x, lif.v_threshold.reshape(-1), tau, decay_input), expected)
+    assert 0.05 < expected.float().mean() < 0.95
+
+
 def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:
     dense = make_model("spikedecoder", max_len=16)
     events = to_events(dense)
@@ -116,6 +170,15 @@ def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:
     hidden = events.blocks[0].mlp.hidden_lif(torch.randn(t, 1, 8, 128))
     assert hidden.dtype == torch.bool
     assert isinstance(events.blocks[0].attn.q, EventLinearNorm) and isinstance(events.head.lif, EventLIF)
+    # the key convolution concatenates [x_i, x_{i-1}]: the block's input LIF still emits bool for Q, K and V
+    keyed = to_events(make_model("spikedecoder", max_len=16, attn_key_conv=True, attn_window=2))
+    assert keyed.blocks[1].attn.in_lif.emit_bool
+    torch.testing.assert_close(
+        keyed(prompt(8)),
+        make_model("spikedecoder", max_len=16, attn_key_conv=True, attn_window=2)(prompt(8)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # the energy places the replaced modules declared stay (energy_places.py)
     assert events.blocks[0].attn.q.energy_place == "qkv" and events.blocks[0].mlp.fc2.energy_place == "fc2"
 
