@@ -85,6 +85,8 @@ class SpikingSelfAttention(nn.Module):
         self.q, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(2))
         self.k = LinearNorm(2 * e if self.key_conv else e, e, cfg.norm, cfg.bias)
         self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
+        if cfg.attn_key_init == "previous":
+            self._key_reads_previous_query()
         self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
         self.binary_scores = cfg.residual == 2
         windows = cfg.head_windows
@@ -105,6 +107,18 @@ class SpikingSelfAttention(nn.Module):
         self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
         self.proj.energy_place = "proj"
         self.out_lif = make_lif(cfg, e) if output_lif else None
+
+    @torch.no_grad()
+    def _key_reads_previous_query(self) -> None:
+        """attn_key_init='previous': the key of token j starts as the query code of token j-1 (the key
+        convolution's previous-token half copies the query weights, its current-token half starts at zero), so
+        q_i . k_j is largest where token j-1 equals token i: an induction lookup present at initialisation, which
+        training may keep or change."""
+        e = self.q.linear.in_features
+        self.k.linear.weight[:, :e] = 0.0
+        self.k.linear.weight[:, e:] = self.q.linear.weight
+        if self.k.linear.bias is not None:
+            self.k.linear.bias.copy_(self.q.linear.bias)
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         if self.in_lif is not None:

@@ -70,6 +70,7 @@ class SpikeDecoderConfig:
     attn_window: int | list[int] | None = None  # the last W tokens; or W per head (0 = all), repeated over the heads
     attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
     attn_key_conv: bool = False  # keys read the previous token too (a causal convolution of width 2 before K)
+    attn_key_init: str = "random"  # "previous": keys start as the previous token's query code (needs attn_key_conv)
     attn_power: int = 1  # 2: square the coincidence counts, (q.k)^2, a sharper lookup (decoding state d_h^2 x d_h)
     attn_offset: bool = False  # a learned score offset per head: y = sum_j (q.k_j - b_h) v_j
     av_norm: bool = False  # normalise A V per token before the attention LIF (its magnitude grows with position)
@@ -146,6 +147,11 @@ class SpikeDecoderConfig:
             f"the heads: [2, 0] with 4 heads is [2, 0, 2, 0]), got {window!r}",
         )
         choice("attn_norm", ATTN_NORMS)
+        need(
+            self.attn_key_init in ("random", "previous") and (self.attn_key_init == "random" or self.attn_key_conv),
+            f"attn_key_init must be 'random' or 'previous' (which needs attn_key_conv=true: the key reads the "
+            f"previous token only through it), got {self.attn_key_init!r} with attn_key_conv={self.attn_key_conv}",
+        )
         need(self.attn_power in (1, 2), f"attn_power must be 1 (counts q.k) or 2 (squared), got {self.attn_power!r}")
         if isinstance(window, tuple):
             self.attn_window = list(window)

@@ -174,10 +174,35 @@ def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
     assert y.max() <= 1 and y.min() >= 0
 
 
-@pytest.mark.parametrize("field, value", [("attn_norm", "softmax"), ("attn_window", [2, 0, 0]), ("attn_window", [])])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("attn_norm", "softmax"),
+        ("attn_window", [2, 0, 0]),
+        ("attn_window", []),
+        ("attn_key_init", "previous"),
+        ("attn_key_init", "copy"),
+        ("attn_power", 3),
+    ],
+)
 def test_long_range_switches_are_validated(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, **{field: value})
+
+
+def test_key_init_previous_is_an_induction_lookup_at_initialisation() -> None:
+    """attn_key_init='previous': before training, the key spikes of token j are the query spikes of token j-1, so
+    a query coincides fully with the key that follows an earlier copy of its own token."""
+    model = _shipped(attn_key_conv=True, attn_key_init="previous", attn_window=None)
+    attn = model.blocks[0].attn
+    seen = {}
+    for name in ("q_lif", "k_lif"):
+        getattr(attn, name).register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, out))
+    x = torch.randint(0, 20, (2, 30), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        model(x)
+    assert seen["q_lif"].sum() > 0
+    assert torch.equal(seen["k_lif"][:, :, 1:], seen["q_lif"][:, :, :-1])
 
 
 def test_a_short_window_list_repeats_over_the_heads() -> None:
