@@ -13,14 +13,18 @@ Nothing here can be solved without looking back: a value or a copied token is ra
 predecessors, so a model that sees only the last two tokens stays at chance (1/32 for MQAR, about 1/64 for copy).
 
 One model per variant, trained from scratch on a fresh random batch every step (infinite data), with the four tasks
-mixed in every batch (each sequence padded to 64 tokens), one CPU thread per variant. Evaluation uses a fixed set
+mixed in every batch (each sequence padded to 64 tokens), one CPU thread per variant (about 7.5 minutes per
+spiking variant with two at once on 2 cores; the ANN about 2). Evaluation uses a fixed set
 drawn from a separate seed (256 sequences per task). Variants:
     ann            the ANN (softmax attention)
     window-2       the spiking model attending to the current and previous token (make run's setting before issue 10)
     whole-context  the spiking model with a plain running sum over the whole context (the preset's old default)
-    spikedecoder   the `spikedecoder` preset as shipped
-all at 2 layers x 128 wide, 4 heads, context 64 (the preset's other defaults untouched). `--set model.KEY=VALUE`
-changes every spiking variant (for experiments; the reported rows use none).
+    spikedecoder   the `spikedecoder` preset as shipped (window heads beside whole-context heads, key convolution,
+                   coincidence normaliser, threshold 0.5, ATan surrogate alpha 1)
+window-2 and whole-context keep the neuron settings they had (threshold 1, alpha 2, no key convolution). All at
+2 layers x 128 wide, 4 heads, context 64 and T = 1 (one timestep per token: the probes' scale, like the width; at
+T = 4 a 3,000-step run takes about 25 minutes per variant here); the presets' other defaults untouched.
+`--set model.KEY=VALUE` changes every spiking variant (for experiments; the reported rows use none).
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ VOCAB = 2 + N_KEYS + N_VALUES
 SEQ = 64
 COPY_LEN = 24
 TASKS = [("mqar", 4), ("mqar", 8), ("mqar", 16), ("copy", None)]
-MODEL = dict(vocab_size=VOCAB, max_len=SEQ, n_layer=2, n_head=4, n_embd=128)
+MODEL = dict(vocab_size=VOCAB, max_len=SEQ, n_layer=2, n_head=4, n_embd=128, timesteps=1)
+OLD_ATTENTION = dict(attn_norm="none", attn_key_conv=False, v_threshold=1.0, surrogate_alpha=2.0)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ann": ("ann", {}),
-    "window-2": ("spikedecoder", {"attn_window": 2, "av_norm": True}),
-    "whole-context": ("spikedecoder", {"attn_window": None, "av_norm": False}),
+    "window-2": ("spikedecoder", {**OLD_ATTENTION, "attn_window": 2, "av_norm": True}),
+    "whole-context": ("spikedecoder", {**OLD_ATTENTION, "attn_window": None, "av_norm": False}),
     "spikedecoder": ("spikedecoder", {}),
 }
 
@@ -120,9 +125,16 @@ def evaluate(model: SpikeDecoder, seed: int, per_task: int = 256) -> list[float]
 
 
 def run_variant(
-    variant: str, steps: int, seed: int, sets: dict[str, Any], lr: float, batch_size: int, verbose: bool = False
+    variant: str,
+    steps: int,
+    seed: int,
+    sets: dict[str, Any],
+    lr: float,
+    batch_size: int,
+    verbose: bool = False,
+    threads: int = 1,
 ) -> dict:
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build(variant, sets)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
@@ -159,11 +171,12 @@ def _worker(args: tuple) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=700, help="training steps per variant")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps per variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (a quarter per task)")
-    parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained at once")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per variant")
     parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE", help="spiking variants only")
     parser.add_argument("--json", action="store_true", help="print only the JSON results object")
     parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
@@ -174,7 +187,9 @@ def main() -> None:
         if not sep or not key.startswith("model."):
             parser.error(f"--set {item!r}: use model.KEY=VALUE, e.g. --set model.attn_window=2")
         sets[key.removeprefix("model.")] = parse_value(value)
-    jobs = [(v, args.steps, args.seed, sets, args.lr, args.batch_size, args.verbose) for v in args.variants]
+    jobs = [
+        (v, args.steps, args.seed, sets, args.lr, args.batch_size, args.verbose, args.threads) for v in args.variants
+    ]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             runs = pool.map(_worker, jobs)

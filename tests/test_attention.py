@@ -41,7 +41,8 @@ def test_running_sum_equals_explicit_scores() -> None:
 
 
 def _model(**overrides) -> SpikeDecoder:
-    return tiny_model("spikedecoder", **(dict(max_len=64, v_threshold=0.5) | overrides))
+    """Without the key convolution, so that each layer looks back exactly (window - 1) tokens."""
+    return tiny_model("spikedecoder", **(dict(max_len=64, v_threshold=0.5, attn_key_conv=False) | overrides))
 
 
 @pytest.mark.parametrize("residual, window", [(0, 4), (2, 4), (0, [2, 4]), (2, [4, 3])])
@@ -180,7 +181,6 @@ def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
         ("attn_norm", "softmax"),
         ("attn_window", [2, 0, 0]),
         ("attn_window", []),
-        ("attn_key_init", "previous"),
         ("attn_key_init", "copy"),
         ("attn_power", 3),
     ],
@@ -188,6 +188,8 @@ def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
 def test_long_range_switches_are_validated(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         SpikeDecoderConfig.from_preset("spikedecoder", n_head=4, **{field: value})
+    with pytest.raises(ValueError, match="attn_key_init"):  # the previous token reaches a key only through the conv
+        SpikeDecoderConfig.from_preset("spikedecoder", attn_key_conv=False, attn_key_init="previous")
 
 
 def test_key_init_previous_is_an_induction_lookup_at_initialisation() -> None:

@@ -129,12 +129,13 @@ def test_attention_matmuls_multiply_spikes(preset: str, mode: dict) -> None:
     assert len(recorders) == model.config.n_layer
     for rec in recorders:
         matmuls = [(a, b) for name, a, b in rec.calls if name != "linear"]
-        assert len(matmuls) == 2, [c[0] for c in rec.calls]
-        (q, k_t), (scores, v) = matmuls
-        assert is_binary(q) and is_binary(k_t) and is_binary(v)
-        assert torch.equal(scores, scores.round()) and scores.min() >= 0
-        if mode["residual"] == 2:
-            assert is_binary(scores)
+        paths = 2 if model.blocks[0].attn.long and model.blocks[0].attn.local and mode["residual"] != 2 else 1
+        assert len(matmuls) == 2 * paths, [c[0] for c in rec.calls]  # Q K^T and A V per path (window, whole)
+        for (q, k_t), (scores, v) in zip(matmuls[::2], matmuls[1::2], strict=True):
+            assert is_binary(q) and is_binary(k_t) and is_binary(v)
+            assert torch.equal(scores, scores.round()) and scores.min() >= 0
+            if mode["residual"] == 2:
+                assert is_binary(scores)
 
 
 def test_degree_2_makes_every_matmul_input_binary() -> None:
