@@ -130,7 +130,7 @@ class EventLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if time_invariant(x):
             return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
-        spikes = x if x.dtype == torch.bool else as_spikes(x)
+        spikes = as_spikes(x)
         if spikes is None:  # not spikes after all: the dense product (x @ rows = x W^T)
             return F.linear(x, self.rows.t(), self.bias)
         return spike_linear(spikes, self.rows, self.bias)

@@ -34,7 +34,7 @@ torch::Tensor spike_linear(torch::Tensor spikes, torch::Tensor rows, c10::option
     at::parallel_for(0, out, 1024, [&](int64_t c0, int64_t c1) {
       for (int64_t i : active) {
         const float* row = w + i * out;
-        for (int64_t t = 0, c = static_cast<int64_t>(code[i]); c; ++t, c >>= 1) {
+        for (uint64_t t = 0, c = code[i]; c; ++t, c >>= 1) {  // unsigned: bit 63 (T = 64) shifts out
           if (!(c & 1)) continue;
           float* dst = acc + (t * tokens + n) * out;
           for (int64_t j = c0; j < c1; ++j) dst[j] += row[j];
