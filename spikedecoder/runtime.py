@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,23 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     elif device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     amp = {"bf16": torch.bfloat16, "fp32": None, "auto": torch.bfloat16 if device.type == "cuda" else None}
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        warnings.warn(
+            "train.precision = 'bf16' on a CPU without native bf16 matmuls (AVX512-BF16 or AMX): autocast emulates "
+            "them and trains slower than fp32; set train.precision = 'fp32' (or 'auto') on this machine",
+            stacklevel=2,
+        )
     return Runtime(device, amp[cfg.precision], rank, world, owns)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN's test): there bf16 autocast about halves the spiking
+    model's training step (make run), elsewhere it is emulated and slower than fp32."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,19 @@ def test_a_plain_process_trains_alone_in_fp32_on_the_cpu(monkeypatch) -> None:
     rt = setup_runtime(TrainConfig())
     assert (rt.device, rt.amp_dtype, rt.rank, rt.world, rt.owns_group) == (torch.device("cpu"), None, 0, 1, False)
     assert setup_runtime(TrainConfig(precision="bf16")).amp_dtype == torch.bfloat16
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_still_trains_in_bf16(monkeypatch) -> None:
+    import spikedecoder.runtime as runtime
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16 matmuls .* set train.precision = 'fp32'"):
+        assert setup_runtime(TrainConfig(precision="bf16")).amp_dtype == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert setup_runtime(TrainConfig(precision="bf16")).amp_dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
