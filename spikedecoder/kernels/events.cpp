@@ -48,8 +48,9 @@ torch::Tensor spike_linear(torch::Tensor spikes, torch::Tensor rows, c10::option
 
 // LIF over T steps, the arithmetic of EventLIF (events.py) in the same order, so the same spikes bit for bit:
 // decay_input: h = x / tau at the first step, then h = (x - v) / tau + v; else h = x, then h = (v - v / tau) + x;
-// spike where h >= threshold (one per channel, the last axis), hard reset v = 0 there. One pass per neuron instead
-// of five tensor ops per step. Built with -ffp-contract=off: no fused multiply-adds that would round differently.
+// spike where h >= threshold (one per channel, the last axis), hard reset v = 0 there. Step after step over all
+// neurons, the membranes in a buffer, so the channel loop vectorises (IEEE division and subtraction round the same in
+// SIMD lanes as in scalar code; -ffp-contract=off keeps out fused multiply-adds that would round differently).
 torch::Tensor lif(torch::Tensor x, torch::Tensor threshold, double tau, bool decay_input) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat, "x must be (T, M, C) float32");
   x = x.contiguous();
@@ -61,18 +62,22 @@ torch::Tensor lif(torch::Tensor x, torch::Tensor threshold, double tau, bool dec
   bool* out = spikes.data_ptr<bool>();
   const float t = static_cast<float>(tau);
   at::parallel_for(0, m, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t i = m0 * c; i < m1 * c; ++i) {
-      const float limit = thr[i % c];
-      float v = 0.0f;
+    std::vector<float> membrane(c);
+    float* v = membrane.data();
+    for (int64_t row = m0; row < m1; ++row) {
       for (int64_t s = 0; s < steps; ++s) {
-        const float xt = in[s * m * c + i];
-        float h;
-        if (s == 0) h = decay_input ? xt / t : xt;
-        else if (decay_input) h = (xt - v) / t + v;
-        else h = (v - v / t) + xt;
-        const bool fire = h >= limit;
-        out[s * m * c + i] = fire;
-        v = fire ? 0.0f : h;
+        const float* xs = in + (s * m + row) * c;
+        bool* fired = out + (s * m + row) * c;
+        // the membrane update per case, each a plain loop the compiler vectorises
+        if (s == 0 && decay_input) for (int64_t j = 0; j < c; ++j) v[j] = xs[j] / t;
+        else if (s == 0) for (int64_t j = 0; j < c; ++j) v[j] = xs[j];
+        else if (decay_input) for (int64_t j = 0; j < c; ++j) v[j] = (xs[j] - v[j]) / t + v[j];
+        else for (int64_t j = 0; j < c; ++j) v[j] = (v[j] - v[j] / t) + xs[j];
+        for (int64_t j = 0; j < c; ++j) {  // fire and hard reset
+          const bool fire = v[j] >= thr[j];
+          fired[j] = fire;
+          v[j] = fire ? 0.0f : v[j];
+        }
       }
     }
   });
