@@ -92,7 +92,7 @@ def _shipped(**overrides) -> SpikeDecoder:
 
 
 LONG_MODES = [
-    dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=offset, attn_key_conv=conv)
+    dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=offset, attn_key_conv=conv, attn_power=1)
     for residual in (0, 1, 2)
     for window in ([2, 0, 3, 0], None)
     for norm, offset, conv in (
@@ -164,7 +164,7 @@ def test_squared_scores_follow_the_formula() -> None:
 
 def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
     """attn_norm='coincidence': y_i = sum_j (q_i.k_j) v_j / sum_j q_i.k_j, checked against the formula."""
-    model = _shipped(attn_norm="coincidence")
+    model = _shipped(attn_norm="coincidence", attn_power=1)
     attn = model.blocks[0].attn
     g = torch.Generator().manual_seed(5)
     q, k, v = ((torch.rand(1, 1, 4, 9, 8, generator=g) < 0.4).float() for _ in range(3))
