@@ -164,7 +164,6 @@ def run_variant(
         "seconds": time.perf_counter() - start,
         "final_loss": loss.item(),
         "config": model.config.to_dict(),
-        "bf16": bf16,
     }
 
 
