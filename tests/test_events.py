@@ -100,27 +100,36 @@ def test_linear_on_spikes_is_a_sum_of_weight_rows() -> None:
     torch.testing.assert_close(event(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rate", [0.05, 0.5])
-def test_compiled_kernel_gives_the_embedding_bag_floats(rate: float) -> None:
-    """The C++ kernel (each token's active rows read once, added into every step at which they spike) sums in
-    embedding_bag's order: the same floats, bit for bit, with and without a bias; a spikeless token gets the bias."""
+@pytest.mark.parametrize(
+    ("rate", "width", "steps", "threads"),
+    [(0.05, 70, 4, 1), (0.5, 70, 4, 1), (0.3, 1100, 7, 2), (0.004, 33, 1, 1)],
+)
+def test_compiled_kernel_gives_the_embedding_bag_floats(rate: float, width: int, steps: int, threads: int) -> None:
+    """The C++ kernel (each token's active rows read once, in blocks, added into every step at which they spike)
+    sums in embedding_bag's order: the same floats, bit for bit, with and without a bias, for widths that are not a
+    multiple of the 16-column chunk, with threads splitting the columns, and for blocks cut short (a few active rows);
+    a spikeless token gets the bias."""
     if os.environ.get("SPIKEDECODER_EVENT_KERNEL") == "0":
         pytest.skip("the event kernel is switched off (SPIKEDECODER_EVENT_KERNEL=0)")
     kernel = event_kernel()
     assert kernel is not None, "the event kernel did not build (see the warning above)"
     g = torch.Generator().manual_seed(2)
-    rows = torch.randn(300, 70, generator=g)
-    bias = torch.randn(70, generator=g)
-    spikes = torch.rand(4, 5, 300, generator=g) < rate
+    rows = torch.randn(300, width, generator=g)
+    bias = torch.randn(width, generator=g)
+    spikes = torch.rand(steps, 5, 300, generator=g) < rate
     spikes[:, 3] = False
     bags = _Bags.of(spikes)
-    for b in (None, bias):
-        expected = _rows_sum(bags, rows, None if b is None else b.clone()).reshape(4, 5, 70)
-        assert torch.equal(kernel.spike_linear(spikes, rows, b), expected)
-    torch.testing.assert_close(kernel.spike_linear(spikes, rows, bias)[:, 3], bias.expand(4, 70))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in (None, bias):
+            expected = _rows_sum(bags, rows, None if b is None else b.clone()).reshape(steps, 5, width)
+            assert torch.equal(kernel.spike_linear(spikes, rows, b), expected)
+        torch.testing.assert_close(kernel.spike_linear(spikes, rows, bias)[:, 3], bias.expand(steps, width))
+    finally:
+        torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("tau, decay_input, per_channel", [(2.0, True, False), (3.0, True, True), (3.0, False, True)])
 def test_compiled_lif_gives_the_tensor_ops_spikes(tau: float, decay_input: bool, per_channel: bool) -> None:
     """The C++ LIF does EventLIF's float operations in the same order: the same spikes, bit for bit, near threshold
     too (inputs on a grid that lands exactly on it)."""
