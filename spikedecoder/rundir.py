@@ -169,6 +169,14 @@ def validation_ids(meta: dict, tokenizer) -> Tensor:
     return split_ids_for(meta, tokenizer, "val")
 
 
+def config_diff(saved: dict, model: SpikeDecoder, limit: int = 4) -> str:
+    """The model settings that differ between a saved config and this model's, as `key: saved -> now`."""
+    now = model.config.to_dict()
+    keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "absent") != now.get(k, "absent"))
+    parts = [f"{k}: {saved.get(k, 'absent')!r} -> {now.get(k, 'absent')!r}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def restore_training_state(
     run_dir: Path,
     model: SpikeDecoder,
@@ -184,7 +192,9 @@ def restore_training_state(
     saved_cfg = read_json(ckpt / "config.json")
     if saved_cfg != model.config.to_dict():
         raise CheckpointError(
-            f"{ckpt} was trained with a different model config; use a new --out directory or the same config"
+            f"{ckpt} was trained with a different model config ({config_diff(saved_cfg, model)}); "
+            "resume with the config it was trained with, or train afresh with --force or a new --out "
+            "(`make run` resumes runs/make-run: move that folder away to start anew)"
         )
     missing, unexpected = model.load_state_dict(load_tensors(ckpt / "model.safetensors"), strict=False)
     if missing or unexpected:

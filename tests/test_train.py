@@ -4,6 +4,7 @@ whole-split evaluation and clear errors for bad training options."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,15 @@ def test_resume_continues_exactly(tmp_path: Path, data: TokenData, monkeypatch) 
 def test_resume_refuses_a_different_model(tmp_path: Path, data: TokenData) -> None:
     tcfg = quick(batch_size=4, max_steps=2, eval_batches=1)
     train(tiny(n_embd=16, max_len=16), tcfg, tmp_path, progress=False, data=data)
-    with pytest.raises(CheckpointError, match="trained with a different model config; use a new --out"):
+    with pytest.raises(CheckpointError, match=r"different model config \(n_embd: 16 -> 32\).*--force or a new --out"):
         train(tiny(n_embd=32, max_len=16), tcfg, tmp_path, resume=True, progress=False, data=data)
+    # a checkpoint from an older version lacks a field added since: named as absent
+    config = tmp_path / "checkpoint" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["attn_power"]
+    config.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r"attn_power: 'absent' -> 2\b"):
+        train(tiny(n_embd=16, max_len=16), tcfg, tmp_path, resume=True, progress=False, data=data)
 
 
 def test_divergence_stops_with_advice_and_keeps_the_last_good_checkpoint(
