@@ -130,6 +130,7 @@ def test_compiled_kernel_gives_the_embedding_bag_floats(rate: float, width: int,
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("tau, decay_input, per_channel", [(2.0, True, False), (3.0, True, True), (3.0, False, True)])
 def test_compiled_lif_gives_the_tensor_ops_spikes(tau: float, decay_input: bool, per_channel: bool) -> None:
     """The C++ LIF does EventLIF's float operations in the same order: the same spikes, bit for bit, near threshold
     too (inputs on a grid that lands exactly on it)."""

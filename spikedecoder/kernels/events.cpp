@@ -17,7 +17,7 @@
 
 #include <algorithm>
 
-typedef float f16v __attribute__((vector_size(64), aligned(4)));  // 16 floats; unaligned loads allowed
+typedef float f16v __attribute__((vector_size(64), aligned(4), may_alias));  // 16 floats, unaligned, aliasing floats
 typedef int32_t i16v __attribute__((vector_size(64)));
 
 constexpr int kBlock = 4;
