@@ -34,6 +34,8 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
+import threading
 import time
 from typing import Any
 
@@ -171,6 +173,18 @@ def _worker(args: tuple) -> dict:
     return run_variant(*args)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a worker stops when the process that started it is gone (killed), instead of training on
+    and holding a core for minutes."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,7 +217,8 @@ def main() -> None:
         for v in args.variants
     ]
     if args.jobs > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+        workers = min(args.jobs, len(jobs))
+        with mp.get_context("spawn").Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             runs = pool.map(_worker, jobs)
     else:
         runs = [_worker(j) for j in jobs]
