@@ -65,8 +65,7 @@ class SpikingSelfAttention(nn.Module):
     window of its last W tokens (decoded from the last W-1 keys and values). Per head, A V can be corrected by a
     learned score offset b_h (y = sum_j (q.k_j - b_h) v_j = q S - b_h sum_j v_j, so chance coincidences cancel)
     and normalised by the head's coincidence total q.z, z = sum_j k_j (attn_norm='coincidence': a weighted mean of
-    the values, whatever the context length; 'long': on whole-context heads only, since a window head's sum is
-    bounded by its window and loses information when averaged). Every sum is of small integers, exact in float32, and the offset and
+    the values, whatever the context length). Every sum is of small integers, exact in float32, and the offset and
     division are the same float ops on the same integers in the full forward and in decoding: both agree bit for bit.
     With `binary_scores` (spiking residual degree 2) the score map is itself passed through a LIF, so A V multiplies
     two binary operands; decoding then keeps K and V instead of the running sum.
@@ -98,8 +97,7 @@ class SpikingSelfAttention(nn.Module):
         self.local_window = local[0] if len(set(local)) == 1 else local
         self.keep = max(local, default=1) - 1  # keys a local head still needs from the past
         self.register_buffer("inverse", torch.tensor(self.long + self.local).argsort(), persistent=False)
-        self.coincidence_norm = cfg.attn_norm == "coincidence"  # every head
-        self.long_norm = cfg.attn_norm in ("coincidence", "long")  # whole-context heads
+        self.coincidence_norm = cfg.attn_norm == "coincidence"
         self.power = cfg.attn_power
         self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
         self.score_lif = make_lif(cfg) if self.binary_scores else None
@@ -190,7 +188,7 @@ class SpikingSelfAttention(nn.Module):
                     y = y + q @ state["kv"]
                 state["kv"] = k.transpose(-1, -2) @ v + (state["kv"] if "kv" in state else 0)
         with energy_scope("state"):
-            den = scores.sum(-1, keepdim=True) if self.long_norm else None
+            den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
             vsum = v.cumsum(-2) if self.offset is not None else None
             if state is not None:
                 if "z" in state:
@@ -236,9 +234,7 @@ class SpikingSelfAttention(nn.Module):
         with energy_scope("values"):
             y = scores @ v
         with energy_scope("state"):
-            den = scores.sum(-1, keepdim=True) if self.long_norm else None
-            if den is not None and not self.coincidence_norm and self.local:  # 'long': window heads unnormalised
-                den[..., self.local, :, :] = 1.0
+            den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
             vsum = mask.to(v.dtype) @ v if self.offset is not None else None
             return self._finish(y, den, vsum, list(range(self.n_head)))
 

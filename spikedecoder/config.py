@@ -25,7 +25,7 @@ NORMS = ("layer", "batch", "power", "none")
 SURROGATES = ("atan", "sigmoid")
 THRESHOLDS = ("none", "layer", "channel")
 LIF_BACKENDS = ("loop", "fused")
-ATTN_NORMS = ("none", "coincidence", "long")
+ATTN_NORMS = ("none", "coincidence")
 
 
 class ConfigError(ValueError):
@@ -68,8 +68,7 @@ class SpikeDecoderConfig:
     attn_scale: float | str = 0.125
     first_attn_lif: bool = False
     attn_window: int | list[int] | None = None  # the last W tokens; or W per head (0 = all), repeated over the heads
-    attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean);
-    # "long": whole-context heads only (their sums grow with the context); window heads keep plain sums
+    attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
     attn_key_conv: bool = False  # keys read the previous token too (a causal convolution of width 2 before K)
     attn_key_init: str = "random"  # "previous": keys start as the previous token's query code (needs attn_key_conv)
     attn_power: int = 1  # 2: square the coincidence counts, (q.k)^2, a sharper lookup (decoding state d_h^2 x d_h);

@@ -100,13 +100,12 @@ LONG_MODES = [
         ("coincidence", False, True),
         ("none", True, False),
         ("coincidence", True, True),
-        ("long", True, True),
     )
 ] + [  # squared coincidences: a d_h^2 x d_h state of pair features
     dict(residual=residual, attn_window=window, attn_norm=norm, attn_offset=True, attn_key_conv=True, attn_power=2)
     for residual in (0, 1)
     for window in ([2, 0, 3, 0], None)
-    for norm in ("none", "coincidence", "long")
+    for norm in ("none", "coincidence")
 ]
 
 
@@ -174,27 +173,6 @@ def test_coincidence_norm_is_a_weighted_mean_of_the_values() -> None:
     expected = (scores @ v) / scores.sum(-1, keepdim=True).clamp(min=1)
     assert torch.allclose(y, expected)
     assert y.max() <= 1 and y.min() >= 0
-
-
-@pytest.mark.parametrize("residual", [0, 2])
-def test_long_norm_divides_whole_context_heads_only(residual: int) -> None:
-    """attn_norm='long': whole-context heads give the coincidence-normalised output, window heads the plain sum,
-    head by head the same as attn_norm='coincidence' and 'none' on the same weights (counts and binary scores)."""
-    x = torch.randint(0, 20, (1, 12), generator=torch.Generator().manual_seed(4))
-    outputs = {}
-    for norm in ("none", "coincidence", "long"):
-        model = _shipped(attn_window=[2, 0, 3, 0], attn_norm=norm, attn_power=1, residual=residual, av_norm=False)
-        attn = model.blocks[0].attn
-        seen = []
-        handle = attn.attn_lif.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
-        with torch.no_grad():
-            model(x)
-        handle.remove()
-        outputs[norm] = seen[0].unflatten(-1, (4, -1))  # A V per head, before the attention LIF
-    long, local = [1, 3], [0, 2]
-    assert torch.equal(outputs["long"][..., long, :], outputs["coincidence"][..., long, :])
-    assert torch.equal(outputs["long"][..., local, :], outputs["none"][..., local, :])
-    assert not torch.equal(outputs["none"], outputs["coincidence"])
 
 
 @pytest.mark.parametrize(
