@@ -98,6 +98,7 @@ class SpikingSelfAttention(nn.Module):
         self.keep = max(local, default=1) - 1  # keys a local head still needs from the past
         self.register_buffer("inverse", torch.tensor(self.long + self.local).argsort(), persistent=False)
         self.coincidence_norm = cfg.attn_norm == "coincidence"
+        self.sparse_state = False  # the event engine (events.py) sets it: decoding touches only active state rows
         self.power = cfg.attn_power
         self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
         self.score_lif = make_lif(cfg) if self.binary_scores else None
@@ -178,6 +179,8 @@ class SpikingSelfAttention(nn.Module):
         """Whole-context heads: y_i = phi(q_i) S_i, S_i = sum_{j<=i} phi(k_j)^T v_j; decoding keeps S (and z,
         sum v). phi is the identity unless attn_power = 2."""
         scores = self._scores(q, k, causal_mask(q.shape[-2], 0, q.device))
+        if state is not None and self.sparse_state and "kv" in state and q.shape[-2] == 1:
+            return self._sparse_step(scores, q, k, v, state)
         if state is not None:
             with energy_scope("scores"):
                 q, k = self._features(q), self._features(k)
@@ -197,6 +200,32 @@ class SpikingSelfAttention(nn.Module):
                 state["z"] = k.sum(-2)[..., None] + (state["z"] if "z" in state else 0)
                 state["vsum"] = v.sum(-2, keepdim=True) + (state["vsum"] if "vsum" in state else 0)
             return self._finish(y, den, vsum, self.long)
+
+    def _sparse_step(self, scores: Tensor, q: Tensor, k: Tensor, v: Tensor, state: dict) -> Tensor:
+        """One decoded token through the whole-context state, event-driven (sparse_state): read the state rows of
+        the active query features and add the value into the rows of the active key features, in place, instead of
+        the dense q @ kv and k^T v + kv over all d_h (or d_h^2) rows. Every sum is of small integers (binary
+        features, spike values), so the result is the dense step's exactly."""
+        qf, kf = self._features(q), self._features(k)  # (T, B, H, 1, F) binary
+        if not state.get("sparse"):  # the dense prefill made these tensors: own them before updating in place
+            state["kv"], state["z"], state["sparse"] = state["kv"].clone(), state["z"].clone(), True
+        kv, z = state["kv"], state["z"]
+        groups, features, d = qf.shape[:-2].numel(), qf.shape[-1], v.shape[-1]
+        rows, counts = kv.view(groups * features, d), z.view(groups * features)
+        group, feature = qf.reshape(groups, features).nonzero(as_tuple=True)
+        read = group * features + feature
+        y = (scores @ v).reshape(groups, d).index_add_(0, group, rows.index_select(0, read))
+        den = None
+        if self.coincidence_norm:
+            den = scores.sum(-1).reshape(groups).index_add_(0, group, counts.index_select(0, read))
+            den = den.view(*qf.shape[:-1], 1)
+        vsum = v + state["vsum"] if self.offset is not None else None
+        group, feature = kf.reshape(groups, features).nonzero(as_tuple=True)
+        write = group * features + feature
+        rows.index_add_(0, write, v.reshape(groups, d).index_select(0, group))
+        counts.index_add_(0, write, torch.ones_like(write, dtype=counts.dtype))
+        state["vsum"] = v + state["vsum"]
+        return self._finish(y.view_as(v), den, vsum, self.long)
 
     def _window(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Window heads: an explicit score map over the last W keys; decoding keeps the last W-1 keys and values

@@ -302,6 +302,9 @@ def to_events(model: nn.Module) -> nn.Module:
             setattr(module, name, new)
 
     convert(model)
+    for module in model.modules():  # whole-context heads decode touching only the active state rows
+        if hasattr(module, "sparse_state"):
+            module.sparse_state = True
     _choose_bool_spikes(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -3,6 +3,8 @@ incremental decoding with a window."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -150,6 +152,37 @@ def test_long_range_heads_are_causal(mode: dict, training: bool) -> None:
         diff = (model(changed) - model(x)).abs().amax(dim=(0, 2))
     assert torch.all(diff[:20] == 0), "a change must never reach earlier positions"
     assert diff[20:].max() > 0
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(attn_window=[2, 0, 3, 0], attn_norm="coincidence", attn_power=2, attn_offset=True, attn_key_conv=True),
+        dict(attn_window=None, attn_norm="none", attn_power=1, attn_offset=False, attn_key_conv=False),
+        dict(attn_window=[0, 2], attn_norm="coincidence", attn_power=1, attn_offset=True, attn_key_conv=True),
+    ],
+    ids=["dual-squared-offset", "whole-context-plain", "dual-counts-offset"],
+)
+def test_sparse_state_decoding_is_the_dense_decoding(mode: dict) -> None:
+    """sparse_state (the event engine's whole-context decoding: only the state rows of active features read and
+    updated, in place) gives the dense state step's logits and state bit for bit, token after token."""
+    dense = _shipped(**mode)
+    sparse = copy.deepcopy(dense)
+    for module in sparse.modules():
+        if isinstance(module, SpikingSelfAttention):
+            module.sparse_state = True
+    x = torch.randint(0, 20, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        caches = dense.new_cache(), sparse.new_cache()
+        for model, cache in zip((dense, sparse), caches, strict=True):
+            model(x[:, :5], cache)
+        for i in range(5, 40):
+            expected, got = (
+                model(x[:, i : i + 1], cache) for model, cache in zip((dense, sparse), caches, strict=True)
+            )
+            assert torch.equal(got, expected), i
+    for d, s in zip(*(c.layers for c in caches), strict=True):
+        assert s.get("sparse") and torch.equal(s["kv"], d["kv"]) and torch.equal(s["z"], d["z"])
 
 
 def test_squared_scores_follow_the_formula() -> None:
