@@ -2,7 +2,8 @@
 
 `to_events(model)` returns an inference-only copy whose answers equal the dense path's up to float summation order.
 It replaces only the modules that receive spikes and leaves every other module (attention, its decoding state, the
-cache, the head's combine) as it is, so a change to the attention mechanism keeps working:
+cache, the head's combine) as it is, switching the whole-context heads to their own sparse step, so a change to the
+attention mechanism keeps working:
 
 - Linear and Linear+Norm on spikes become `EventLinear` / `EventLinearNorm`: the weight is stored transposed, (in,
   out), so each input's row is contiguous, and the output is the sum of the rows of the active inputs (accumulate
@@ -14,6 +15,8 @@ cache, the head's combine) as it is, so a change to the attention mechanism keep
 - Work whose input is identical at every timestep is done once: a tensor whose T axis (dim 0) has stride 0 holds one
   value for every step (direct encoding expands the embedding that way), so a Linear(+Norm) on it runs on step 0
   and its output is expanded again (still stride 0, so the next such module skips too).
+- Whole-context attention heads take their sparse decoding step (`SpikingSelfAttention.sparse_state`): the state
+  rows of the active query and key features only, exact because the sums are of small integers.
 - LIF neurons whose spikes only ever reach event Linears emit bool spikes; the others (e.g. Q, K, V, read by the
   attention's matmuls) keep emitting float 0/1. Which is which is found by tracing one probe forward
   (`_SpikeUseTracer`): a LIF output may be reshaped or indexed on its way, anything else needs floats.
