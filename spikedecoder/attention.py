@@ -219,13 +219,12 @@ class SpikingSelfAttention(nn.Module):
         if self.coincidence_norm:
             den = scores.sum(-1).reshape(groups).index_add_(0, group, counts.index_select(0, read))
             den = den.view(*qf.shape[:-1], 1)
-        vsum = v + state["vsum"] if self.offset is not None else None
+        state["vsum"] = v + state["vsum"]  # the one new token's value: its cumulative sum is itself
         group, feature = kf.reshape(groups, features).nonzero(as_tuple=True)
         write = group * features + feature
         rows.index_add_(0, write, v.reshape(groups, d).index_select(0, group))
         counts.index_add_(0, write, torch.ones_like(write, dtype=counts.dtype))
-        state["vsum"] = v + state["vsum"]
-        return self._finish(y.view_as(v), den, vsum, self.long)
+        return self._finish(y.view_as(v), den, state["vsum"] if self.offset is not None else None, self.long)
 
     def _window(self, q: Tensor, k: Tensor, v: Tensor, state: dict | None) -> Tensor:
         """Window heads: an explicit score map over the last W keys; decoding keeps the last W-1 keys and values
