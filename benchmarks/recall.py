@@ -197,9 +197,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per variant")
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="training matmuls: bf16 autocast (evaluation stays fp32); auto = bf16 where the CPU has it natively",
+        choices=("native", "fp32", "bf16"),
+        default="native",
+        help="training matmuls: bf16 autocast (evaluation stays fp32); native = bf16 where the CPU has it natively, "
+        "else fp32",
     )
     parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE", help="spiking variants only")
     parser.add_argument("--json", action="store_true", help="print only the JSON results object")
@@ -211,7 +212,7 @@ def main() -> None:
         if not sep or not key.startswith("model."):
             parser.error(f"--set {item!r}: use model.KEY=VALUE, e.g. --set model.attn_window=2")
         sets[key.removeprefix("model.")] = parse_value(value)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
+    bf16 = args.precision == "bf16" or (args.precision == "native" and cpu_has_bf16())
     jobs = [
         (v, args.steps, args.seed, sets, args.lr, args.batch_size, args.verbose, args.threads, bf16)
         for v in args.variants
