@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .attention import SpikingSelfAttention
 from .layers import Linear, LinearNorm
 from .neurons import LIF
 
@@ -306,7 +307,7 @@ def to_events(model: nn.Module) -> nn.Module:
 
     convert(model)
     for module in model.modules():  # whole-context heads decode touching only the active state rows
-        if hasattr(module, "sparse_state"):
+        if isinstance(module, SpikingSelfAttention):
             module.sparse_state = True
     _choose_bool_spikes(model)
     for p in model.parameters():

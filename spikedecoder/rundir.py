@@ -169,9 +169,8 @@ def validation_ids(meta: dict, tokenizer) -> Tensor:
     return split_ids_for(meta, tokenizer, "val")
 
 
-def config_diff(saved: dict, model: SpikeDecoder, limit: int = 4) -> str:
+def config_diff(saved: dict, now: dict, limit: int = 4) -> str:
     """The model settings that differ between a saved config and this model's, as `key: saved -> now`."""
-    now = model.config.to_dict()
     keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "absent") != now.get(k, "absent"))
     parts = [f"{k}: {saved.get(k, 'absent')!r} -> {now.get(k, 'absent')!r}" for k in keys[:limit]]
     return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -189,10 +188,10 @@ def restore_training_state(
     returns the training metadata."""
     device = device or next(model.parameters()).device
     ckpt = resolve(run_dir / "checkpoint")
-    saved_cfg = read_json(ckpt / "config.json")
-    if saved_cfg != model.config.to_dict():
+    saved_cfg, model_cfg = read_json(ckpt / "config.json"), model.config.to_dict()
+    if saved_cfg != model_cfg:
         raise CheckpointError(
-            f"{ckpt} was trained with a different model config ({config_diff(saved_cfg, model)}); "
+            f"{ckpt} was trained with a different model config ({config_diff(saved_cfg, model_cfg)}); "
             "resume with the config it was trained with, or train afresh with --force or a new --out "
             "(`make run` resumes runs/make-run: move that folder away to start anew)"
         )
