@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import SpikeDecoderConfig
 from .energy_places import energy_scope
-from .layers import Linear, LinearNorm, make_lif
+from .layers import Linear, LinearNorm, TokenShift, make_lif
 from .norms import LayerNorm, make_norm
 
 
@@ -57,6 +57,12 @@ def extend_kv(state: dict | None, k: Tensor, v: Tensor, keep: int | None = None)
     return k, v
 
 
+def _first(xs: Tensor, layer: LinearNorm) -> Tensor:
+    """The leading columns of a token shift's output that `layer` reads (its own width of the convolution)."""
+    width = layer.linear.in_features
+    return xs if xs.shape[-1] == width else xs[..., :width]
+
+
 class SpikingSelfAttention(nn.Module):
     """x -> LIF (unless x is already spikes) -> Q, K, V = LIF(Norm(Linear(x))) -> scale * causal(Q K^T) V
     -> LIF -> Linear -> Norm.
@@ -81,9 +87,10 @@ class SpikingSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.scale = cfg.scale
         self.in_lif = None if input_spikes else make_lif(cfg, e)
-        self.key_conv = cfg.attn_key_conv
-        self.q, self.v = (LinearNorm(e, e, cfg.norm, cfg.bias) for _ in range(2))
-        self.k = LinearNorm(2 * e if self.key_conv else e, e, cfg.norm, cfg.bias)
+        key_width = max(cfg.token_conv, 2 if cfg.attn_key_conv else 1)  # the key convolution reads 2 tokens
+        self.shift = TokenShift(max(cfg.token_conv, key_width), "attn_shift")
+        self.q, self.v = (LinearNorm(cfg.token_conv * e, e, cfg.norm, cfg.bias) for _ in range(2))
+        self.k = LinearNorm(key_width * e, e, cfg.norm, cfg.bias)
         self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
         if cfg.attn_key_init == "previous":
             self._key_reads_previous_query()
@@ -124,9 +131,10 @@ class SpikingSelfAttention(nn.Module):
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         if self.in_lif is not None:
             x = self.in_lif(x)
-        q = split_heads(self.q_lif(self.q(x)), self.n_head)  # (T, B, H, S, d_h) spikes
-        k = split_heads(self.k_lif(self.k(self._with_previous(x, state) if self.key_conv else x)), self.n_head)
-        v = split_heads(self.v_lif(self.v(x)), self.n_head)
+        xs = self.shift(x, state)  # [x_i, x_{i-1}, ...]: each projection reads its first token_conv (key: more)
+        q = split_heads(self.q_lif(self.q(_first(xs, self.q))), self.n_head)  # (T, B, H, S, d_h) spikes
+        k = split_heads(self.k_lif(self.k(_first(xs, self.k))), self.n_head)
+        v = split_heads(self.v_lif(self.v(_first(xs, self.v))), self.n_head)
         if self.binary_scores:
             y = self._binary_scores(q, k, v, state)
         elif not self.local:
@@ -145,23 +153,6 @@ class SpikingSelfAttention(nn.Module):
         y = self.attn_lif(y)
         y = self.proj(y)
         return self.out_lif(y) if self.out_lif is not None else y
-
-    @staticmethod
-    def _with_previous(x: Tensor, state: dict | None) -> Tensor:
-        """[x_i, x_{i-1}] (zeros before the first token): a key reads its token and the one before (a causal
-        convolution of width 2), so one layer can bind a value to the token that preceded it. Decoding keeps the
-        last token's input. An input identical at every timestep (a stride-0 T axis: the direct-encoded embedding)
-        stays so, so the K projection on it is still computed (and charged) once, not T times."""
-        steps = x.shape[0]
-        invariant = steps > 1 and x.stride(0) == 0
-        if invariant:
-            x = x[:1]
-        first = x.new_zeros(x[..., :1, :].shape) if state is None or "x_prev" not in state else state["x_prev"]
-        previous = torch.cat([first[: x.shape[0]], x[..., :-1, :]], dim=-2)
-        if state is not None:
-            state["x_prev"] = x[..., -1:, :].expand(steps, *x.shape[1:-2], 1, x.shape[-1])
-        out = torch.cat([x, previous], dim=-1)
-        return out.expand(steps, *out.shape[1:]) if invariant else out
 
     def _scores(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
         """Coincidence counts q.k, future (and out-of-window) pairs zeroed; with attn_power = 2 their squares
@@ -268,7 +259,9 @@ class SpikingSelfAttention(nn.Module):
 
 
 class SoftmaxAttention(nn.Module):
-    """The ANN's pre-LayerNorm causal softmax attention with 1/sqrt(d_h) scaling; decoding keeps a KV cache.
+    """The ANN's pre-LayerNorm causal softmax attention with 1/sqrt(d_h) scaling; decoding keeps a KV cache (the
+    last W-1 keys and values where every head has a window W). `attn_window` and `token_conv` give it the same
+    inputs as a spiking variant, so the cost of spiking and the cost of context are measured apart.
     The fused kernel's two products are charged to `scores` and `values` by the energy counter."""
 
     energy_group = "attention"
@@ -278,16 +271,20 @@ class SoftmaxAttention(nn.Module):
         e = cfg.n_embd
         self.n_head = cfg.n_head
         self.ln = LayerNorm(e)
-        self.qkv = Linear(e, 3 * e, bias=cfg.bias)
+        self.shift = TokenShift(cfg.token_conv, "attn_shift")
+        self.qkv = Linear(cfg.token_conv * e, 3 * e, bias=cfg.bias)
+        windows = cfg.head_windows
+        self.window = None if set(windows) == {None} else windows[0] if len(set(windows)) == 1 else tuple(windows)
+        self.keep = None if None in windows else max(windows) - 1  # keys decoding still needs
         self.proj = Linear(e, e, bias=cfg.bias)
         self.qkv.energy_place, self.proj.energy_place = "qkv", "proj"
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
-        q, k, v = (split_heads(t, self.n_head) for t in self.qkv(self.ln(x)).chunk(3, dim=-1))
-        k, v = extend_kv(state, k, v)
+        q, k, v = (split_heads(t, self.n_head) for t in self.qkv(self.shift(self.ln(x), state)).chunk(3, dim=-1))
+        k, v = extend_kv(state, k, v, self.keep)
         s, past = q.shape[-2], k.shape[-2] - q.shape[-2]
-        mask = causal_mask(s, past, x.device)
+        mask = causal_mask(s, past, x.device, self.window)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1 / math.sqrt(q.shape[-1]))
         return F.dropout(self.proj(merge_heads(y)), drop, self.training)

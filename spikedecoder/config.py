@@ -70,6 +70,8 @@ class SpikeDecoderConfig:
     attn_window: int | list[int] | None = None  # the last W tokens; or W per head (0 = all), repeated over the heads
     attn_norm: str = "none"  # "coincidence": divide each head's A V by its coincidence total q.z (a weighted mean)
     attn_key_conv: bool = False  # keys read the previous token too (a causal convolution of width 2 before K)
+    token_conv: int = 1  # Q, K and V read the last K tokens' inputs (a causal convolution of width K; 1: own token)
+    mlp_conv: int = 1  # the MLP's first Linear reads the last K tokens' inputs likewise
     attn_key_init: str = "random"  # "previous": keys start as the previous token's query code (needs attn_key_conv)
     attn_power: int = 1  # 2: square the coincidence counts, (q.k)^2, a sharper lookup (decoding state d_h^2 x d_h);
     # under residual=2 the scores are binary, their own squares, so it changes nothing there
@@ -103,7 +105,7 @@ class SpikeDecoderConfig:
                 f"{name}={value!r} is not valid; choose one of {', '.join(map(str, options))}",
             )
 
-        for name in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+        for name in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "mlp_ratio", "token_conv", "mlp_conv"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         need(
@@ -149,9 +151,11 @@ class SpikeDecoderConfig:
         )
         choice("attn_norm", ATTN_NORMS)
         need(
-            self.attn_key_init in ("random", "previous") and (self.attn_key_init == "random" or self.attn_key_conv),
-            f"attn_key_init must be 'random' or 'previous' (which needs attn_key_conv=true: the key reads the "
-            f"previous token only through it), got {self.attn_key_init!r} with attn_key_conv={self.attn_key_conv}",
+            self.attn_key_init in ("random", "previous")
+            and (self.attn_key_init == "random" or (self.attn_key_conv and self.token_conv == 1)),
+            f"attn_key_init must be 'random' or 'previous' (which needs attn_key_conv=true and token_conv=1: the key "
+            f"reads the previous token only through the key convolution), got {self.attn_key_init!r} with "
+            f"attn_key_conv={self.attn_key_conv}, token_conv={self.token_conv}",
         )
         need(self.attn_power in (1, 2), f"attn_power must be 1 (counts q.k) or 2 (squared), got {self.attn_power!r}")
         if isinstance(window, tuple):
@@ -172,7 +176,8 @@ class SpikeDecoderConfig:
     def _reject_ignored_settings(self, need) -> None:
         """Settings that would be silently ignored (or do nothing) in this combination: say so instead."""
         if self.attention == "softmax":
-            for name, off in (("attn_window", None), ("av_norm", False), ("first_attn_lif", False), ("attn_power", 1)):
+            ignored = (("av_norm", False), ("first_attn_lif", False), ("attn_power", 1), ("attn_key_conv", False))
+            for name, off in ignored:
                 value = getattr(self, name)
                 need(
                     value == off,

@@ -1,4 +1,5 @@
-"""Linear layers shared by every block: batch-invariant when asked, and Linear+Norm pairs that fold at inference."""
+"""Linear layers shared by every block: batch-invariant when asked, Linear+Norm pairs that fold at inference, and
+the token shift that turns a Linear into a causal convolution over the last few tokens."""
 
 from __future__ import annotations
 
@@ -85,3 +86,37 @@ def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None) -> LIF:
         channels=channels,
         backend=cfg.lif_backend,
     )
+
+
+class TokenShift(nn.Module):
+    """[x_i, x_{i-1}, ..., x_{i-K+1}] on the feature axis (zeros before the first token), so that the Linear reading
+    it is a causal convolution of width K over tokens: the short convolutions of H3 and Mamba, RWKV's token shift
+    (K = 2) made a full Linear. On spikes the Linear still only accumulates (its input is the K tokens' spikes).
+
+    Decoding keeps the last K-1 inputs in `state[key]`, so the step equals the full forward. An input identical at
+    every timestep (a stride-0 T axis: the direct-encoded embedding) stays so, and the Linear on it is still computed
+    (and charged) once, not T times."""
+
+    def __init__(self, width: int, key: str):
+        super().__init__()
+        self.width, self.key = width, key
+
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
+        if self.width == 1:
+            return x
+        steps, keep = x.shape[0], self.width - 1
+        invariant = steps > 1 and x.stride(0) == 0
+        if invariant:
+            x = x[:1]
+        past = state.get(self.key) if state is not None else None
+        past = x.new_zeros(*x.shape[:-2], keep, x.shape[-1]) if past is None else past[: x.shape[0]]
+        seq = torch.cat([past, x], dim=-2)  # (..., K-1 + S, E)
+        s = x.shape[-2]
+        if state is not None:  # kept for every step, so a later call whose input varies over T finds them
+            last = seq[..., seq.shape[-2] - keep :, :]
+            state[self.key] = last.expand(steps, *last.shape[1:])
+        out = torch.cat([seq[..., keep - j : keep - j + s, :] for j in range(self.width)], dim=-1)
+        return out.expand(steps, *out.shape[1:]) if invariant else out
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}"

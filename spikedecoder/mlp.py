@@ -6,12 +6,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SpikeDecoderConfig
-from .layers import Linear, LinearNorm, make_lif
+from .layers import Linear, LinearNorm, TokenShift, make_lif
 from .norms import LayerNorm
 
 
 class SpikingMLP(nn.Module):
-    """LIF (unless x is already spikes) -> Linear(E, rE) -> Norm -> LIF -> Linear(rE, E) -> Norm."""
+    """LIF (unless x is already spikes) -> Linear(E, rE) -> Norm -> LIF -> Linear(rE, E) -> Norm. With mlp_conv = K
+    the first Linear reads the last K tokens' spikes (a causal convolution; decoding keeps K-1 of them)."""
 
     energy_group, energy_own = "mlp", "act"
 
@@ -19,19 +20,20 @@ class SpikingMLP(nn.Module):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.n_embd
         self.in_lif = None if input_spikes else make_lif(cfg, cfg.n_embd)
-        self.fc1 = LinearNorm(cfg.n_embd, hidden, cfg.norm, cfg.bias)
+        self.shift = TokenShift(cfg.mlp_conv, "mlp_shift")
+        self.fc1 = LinearNorm(cfg.mlp_conv * cfg.n_embd, hidden, cfg.norm, cfg.bias)
         self.hidden_lif = make_lif(cfg, hidden)
         self.fc2 = LinearNorm(hidden, cfg.n_embd, cfg.norm, cfg.bias)
         self.fc1.energy_place, self.fc2.energy_place = "fc1", "fc2"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         if self.in_lif is not None:
             x = self.in_lif(x)
-        return self.fc2(self.hidden_lif(self.fc1(x)))
+        return self.fc2(self.hidden_lif(self.fc1(self.shift(x, state))))
 
 
 class GeluMLP(nn.Module):
-    """The ANN's pre-LayerNorm MLP."""
+    """The ANN's pre-LayerNorm MLP (fc1 on the last mlp_conv tokens, as in the spiking MLP)."""
 
     energy_group, energy_own = "mlp", "act"  # the GELU is `act`
 
@@ -39,10 +41,12 @@ class GeluMLP(nn.Module):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.n_embd
         self.ln = LayerNorm(cfg.n_embd)
-        self.fc1 = Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.shift = TokenShift(cfg.mlp_conv, "mlp_shift")
+        self.fc1 = Linear(cfg.mlp_conv * cfg.n_embd, hidden, bias=cfg.bias)
         self.fc2 = Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.fc1.energy_place, self.fc2.energy_place = "fc1", "fc2"
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.dropout(self.fc2(F.gelu(self.fc1(self.ln(x)))), self.dropout, self.training)
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
+        h = F.gelu(self.fc1(self.shift(self.ln(x), state)))
+        return F.dropout(self.fc2(h), self.dropout, self.training)

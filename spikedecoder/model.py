@@ -45,7 +45,7 @@ class Block(nn.Module):
         x = x + self.attn(x, state)
         if self.attn_sum_lif is not None:
             x = self.attn_sum_lif(x)
-        x = x + self.mlp(x)
+        x = x + self.mlp(x, state)
         if self.mlp_sum_lif is not None:
             x = self.mlp_sum_lif(x)
         return x

@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
 from spikedecoder.attention import SpikingSelfAttention, causal_mask
-from spikedecoder.layers import batch_invariant
+from spikedecoder.layers import TokenShift, batch_invariant
 
 
 def test_causal_mask_whole_context_and_window() -> None:
@@ -136,7 +136,7 @@ def test_long_range_decoding_is_exact_for_100_tokens(mode: dict) -> None:
         assert state["kv"].shape[-2:] == (8 ** mode.get("attn_power", 1), 8)
         assert "k" not in state or state["k"].shape[-2] == 2
     if mode["attn_key_conv"]:
-        assert state["x_prev"].shape[-2] == 1
+        assert state["attn_shift"].shape[-2] == 1
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -272,13 +272,20 @@ def test_degree_2_attention_fires_at_make_runs_settings() -> None:
         assert (rate / seen if "score" in name else rate) > 0.002, rates
 
 
-def test_key_conv_keeps_a_time_invariant_input_invariant():
-    """The direct-encoded embedding is one tensor expanded over T: the key convolution must keep it so (the K
-    projection then runs, and is charged, once) and give exactly what a materialised input gives, in decoding too."""
+@pytest.mark.parametrize("width", [2, 4])
+def test_token_shift_keeps_a_time_invariant_input_invariant(width):
+    """The direct-encoded embedding is one tensor expanded over T: the token shift (the key convolution is width 2)
+    must keep it so (the projection then runs, and is charged, once) and give exactly what a materialised input
+    gives, in decoding too; token i reads tokens i, i-1, ..., i-width+1, zeros before the first."""
     x = torch.randint(0, 2, (1, 2, 5, 8)).float().expand(4, 2, 5, 8)
-    out = SpikingSelfAttention._with_previous(x, None)
-    assert out.stride(0) == 0 and out.shape == (4, 2, 5, 16)
-    assert torch.equal(out, SpikingSelfAttention._with_previous(x.contiguous(), None))
+    shift = TokenShift(width, "shift")
+    out = shift(x, None)
+    assert out.stride(0) == 0 and out.shape == (4, 2, 5, 8 * width)
+    assert torch.equal(out, shift(x.contiguous(), None))
+    for j in range(width):
+        assert torch.equal(out[..., j:, j * 8 : (j + 1) * 8], x[..., : 5 - j, :])
+        assert not out[..., :j, j * 8 : (j + 1) * 8].any()
     state: dict = {}
-    steps = [SpikingSelfAttention._with_previous(x[:, :, i : i + 1], state) for i in range(5)]
+    steps = [shift(x[:, :, i : i + 1], state) for i in range(5)]
     assert torch.equal(torch.cat(steps, dim=2), out)
+    assert state["shift"].shape == (4, 2, width - 1, 8)

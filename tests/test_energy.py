@@ -26,7 +26,7 @@ from spikedecoder.energy import (
     step_energy,
     subblock,
 )
-from spikedecoder.layers import LinearNorm, batch_invariant
+from spikedecoder.layers import LinearNorm, TokenShift, batch_invariant
 from spikedecoder.neurons import LIF
 
 V = 20
@@ -273,6 +273,18 @@ def test_time_invariant_linear_is_charged_once_and_rows_read_once_per_token():
     assert ops == {"ac": 5 * 3, "ac_fanout": 5 * 3, "add": 4 * 3, "mem": (3 + 1) * 3}
 
 
+def test_token_shift_linear_is_charged_for_the_spikes_of_every_token_it_reads():
+    """A Linear after a width-3 token shift reads each token's spikes and those of the two before it: on spikes it
+    is charged (sum of the three tokens' spikes) x fan-out, still once for a time-invariant input."""
+    shift, layer = TokenShift(3, "shift"), LinearNorm(3 * 4, 5, "none").eval()
+    model = nn.Sequential(shift, layer)
+    step = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1], [1.0, 1, 1, 0]])  # 3 tokens with 2, 1, 3 spikes
+    # token 0 reads its 2 spikes; token 1: 1 + 2; token 2: 3 + 1 + 2 -> 11 spikes x 5 outputs
+    ops = count_ops(model, step.expand(4, 1, 3, 4)).counts["1.linear"]
+    assert ops["ac"] == 11 * 5 and ops["add"] == 3 * 5
+    assert count_ops(model, step.expand(4, 1, 3, 4).contiguous()).counts["1.linear"]["ac"] == 4 * 11 * 5
+
+
 def test_firing_rates_equal_the_spikes_the_layers_emit():
     model = tiny()
     seen: dict[str, list[float]] = {}
@@ -319,6 +331,8 @@ VARIANTS = [
     ("spikedecoder", {"attn_window": [2, 0], "attn_norm": "coincidence", "attn_power": 2}),
     ("spikedecoder", {"residual": 2, "attn_window": [0, 3], "attn_norm": "coincidence", "attn_offset": True}),
     ("spiking-attention", {"encoding": "rate"}),
+    ("spikedecoder", {"token_conv": 4, "mlp_conv": 2, "attn_key_conv": True}),
+    ("ann", {"attn_window": [2, 0], "token_conv": 3, "mlp_conv": 2}),
 ]
 
 

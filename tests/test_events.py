@@ -48,6 +48,10 @@ MODES = {
         dict(token_code="binary", position_code="binary", combine="concat", decay_input=False),
     ),
     "residual1-batchnorm-fused-lif": ("spikedecoder", dict(residual=1, norm="batch", lif_backend="fused")),
+    "token-conv": ("spikedecoder", dict(token_conv=4, mlp_conv=2)),
+    "token-conv-residual2-batchnorm": ("spikedecoder", dict(token_conv=3, mlp_conv=3, residual=2, norm="batch")),
+    "token-conv-residual1-key-conv": ("spikedecoder", dict(token_conv=2, residual=1, attn_key_conv=True)),
+    "token-conv-spiking-attention": ("spiking-attention", dict(token_conv=4, mlp_conv=2)),
     "key-conv-dual-path": (
         "spikedecoder",
         dict(attn_window=[2, 0], attn_norm="coincidence", attn_key_conv=True, av_norm=True, combine="concat"),
@@ -70,7 +74,9 @@ def test_same_spikes_and_logits_as_the_dense_path(mode: str) -> None:
     torch.testing.assert_close(logits_e, logits_d, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["residual0-layer", "residual2", "window-per-head", "spiking-attention"])
+@pytest.mark.parametrize(
+    "mode", ["residual0-layer", "residual2", "window-per-head", "spiking-attention", "token-conv-residual2-batchnorm"]
+)
 def test_cached_greedy_generation_gives_the_dense_tokens(mode: str) -> None:
     preset, overrides = MODES[mode]
     dense = make_model(preset, max_len=32, **overrides)

@@ -114,7 +114,22 @@ OTHER_PRESETS = [("spiking-attention", 0, "layer"), ("spiking-attention-mlp", 0,
 def test_incremental_is_exactly_the_full_recompute(preset: str, residual: int, norm: str) -> None:
     """100 greedy tokens with the cache: each step's logits are bitwise those of the full window's forward (row i
     of a causal forward over seq is the recompute of seq[:i+1]), and greedy decoding of those logits is the output."""
-    model = make_model(preset, max_len=112, residual=residual, norm=norm, timesteps=2)
+    check_incremental(make_model(preset, max_len=112, residual=residual, norm=norm, timesteps=2))
+
+
+@pytest.mark.parametrize("preset, residual, norm", MODES + OTHER_PRESETS)
+def test_token_convolutions_decode_exactly(preset: str, residual: int, norm: str) -> None:
+    """Q, K, V reading the last 4 tokens and the MLP the last 3: each layer's decoding state keeps the inputs the
+    convolutions still need, and every cached step is bitwise the full forward."""
+    model = make_model(preset, max_len=112, residual=residual, norm=norm, timesteps=2, token_conv=4, mlp_conv=3)
+    check_incremental(model)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(prompt(9), cache)
+    assert cache.layers[1]["attn_shift"].shape[-2] == 3 and cache.layers[1]["mlp_shift"].shape[-2] == 2
+
+
+def check_incremental(model: SpikeDecoder) -> None:
     idx = prompt(8, batch=2)
     incremental = record_logits(model)
     greedy = generate_ids(model, idx, 100, greedy=True)
@@ -166,6 +181,38 @@ def test_ann_kv_cache_matches_recompute() -> None:
     with torch.no_grad(), batch_invariant():
         full = model(seq)
     torch.testing.assert_close(cached_logits(model, seq, prefill=8), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [2, [2, 0], [3, 2]])
+def test_ann_window_and_token_convolution_match_recompute(window) -> None:
+    """The ANN given a window (per head: 0 = whole context) and token convolutions: the cache keeps only what the
+    windows need, and cached logits equal the recompute."""
+    model = make_model("ann", max_len=112, attn_window=window, token_conv=4, mlp_conv=2)
+    seq = generate_ids(model, prompt(8), 60, greedy=True)[:, :-1]
+    with torch.no_grad(), batch_invariant():
+        full = model(seq)
+        cache = model.new_cache()
+        model(seq[:, :20], cache)
+    torch.testing.assert_close(cached_logits(model, seq, prefill=8), full, rtol=1e-5, atol=1e-5)
+    kept = cache.layers[0]["k"].shape[-2]
+    assert kept == (20 if window == [2, 0] else max(window if isinstance(window, list) else [window]) - 1)
+
+
+@pytest.mark.parametrize("preset", ["ann", "spikedecoder"])
+@pytest.mark.parametrize("window, conv, mlp_conv", [(2, 1, 1), (2, 4, 1), (3, 2, 3)])
+def test_a_token_reaches_exactly_as_far_as_windows_and_convolutions_allow(preset, window, conv, mlp_conv) -> None:
+    """Per layer a token looks back (window - 1) + (token_conv - 1) + (mlp_conv - 1) tokens, no further: the ANN
+    given a window and a convolution sees the same neighbourhood as the spiking model given them."""
+    extra = dict(attn_key_conv=False) if preset == "spikedecoder" else {}
+    model = make_model(preset, max_len=64, attn_window=window, token_conv=conv, mlp_conv=mlp_conv, **extra)
+    x = prompt(40, batch=2)
+    changed = x.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % V
+    with torch.no_grad():
+        diff = (model(changed) - model(x)).abs().amax(dim=(0, 2))
+    reach = model.config.n_layer * ((window - 1) + (conv - 1) + (mlp_conv - 1))
+    assert torch.all(diff[:10] == 0) and torch.all(diff[11 + reach :] == 0)
+    assert diff[10 + reach] > 0, "the change should reach the last position the neighbourhood allows"
 
 
 # ---------------------------------------------------------------------------------------------- sliding window
