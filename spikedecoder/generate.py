@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from .inputs import check_token_ids
 from .layers import batch_invariant
 
+FIRST_CAPACITY = 1024  # new tokens the output buffer holds at first; it doubles when full
+
 
 # ---------------------------------------------------------------------------------------------- argument checks
 def _check_sampling(
@@ -184,7 +186,7 @@ def generate_ids(
     b, s = idx.shape
     # the buffer grows by doubling as tokens come, so a huge max_new_tokens (stopped early, or streamed until
     # Ctrl-C) never reserves memory for tokens that are not generated
-    out = torch.empty(b, s + min(max_new_tokens, 1024), dtype=torch.long, device=idx.device)
+    out = torch.empty(b, s + min(max_new_tokens, FIRST_CAPACITY), dtype=torch.long, device=idx.device)
     out[:, :s] = idx
     n = s
     generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
