@@ -275,8 +275,8 @@ def check_run_dirs(run_dirs: list[Path], resume: bool, force: bool) -> list[bool
     for d in run_dirs:
         check_writable(d)
         if resume and holds_run(d) and not has_checkpoint(d):
-            print(f"note: {d} holds no checkpoint (its run stopped before the first one): starting it from step 0",
-                  file=sys.stderr)  # fmt: skip
+            said = "holds no checkpoint (its run stopped before the first one): starting it from step 0"
+            print(f"note: {d} {said}", file=sys.stderr)
     return [resume and has_checkpoint(d) for d in run_dirs]
 
 
@@ -370,10 +370,13 @@ class Logger:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def adopt(self) -> None:
-        """The run's checkpoint is on disk: its log becomes log.csv (once; later calls do nothing)."""
+        """The run's checkpoint is on disk: its log becomes log.csv (once; later calls do nothing). A run that logs
+        nothing (log='none') removes the old run's log instead, which no longer belongs to the checkpoint."""
         if self.path != self.final:
             if self.path.exists():
                 os.replace(self.path, self.final)
+            else:
+                self.final.unlink(missing_ok=True)
             self.path = self.final
 
     def truncate(self, step: int) -> None:

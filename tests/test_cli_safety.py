@@ -599,3 +599,8 @@ def test_a_data_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path,
     err = fails_with(capsys, argv, "model.max_len + 1 = 4001", "--set model.max_len")
     assert all(line.startswith("error: ") for line in err.split("\n") if "error:" in line), repr(err)
     assert not (tmp_path / "r").exists()
+
+
+def test_force_without_a_log_drops_the_old_runs_log_with_its_checkpoint(run: Path, data_file: Path) -> None:
+    assert main(train_argv(data_file, run, "--force", "--steps", "2", "--set", "train.log='none'")) == 0
+    assert training_meta(run)["step"] == 2 and sorted(p.name for p in run.iterdir()) == ["checkpoint"]
