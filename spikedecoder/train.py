@@ -187,9 +187,10 @@ def _train(
     if resumed is not None:
         start_meta = restore_training_state(run_dir, model, opt, gen, rt.device, rt.rank)
         meta.update({k: start_meta[k] for k in ("step", "history", "train_seconds", "run") if k in start_meta})
-        meta["changes"] = list(start_meta.get("changes", []))
-        if resumed.changes:  # what this resume changed, kept with the run
-            meta["changes"].append({"step": start_meta["step"], **resumed.changes})
+        changes = list(start_meta.get("changes", []))  # what resumes changed, kept with the run
+        changes += [{"step": start_meta["step"], **resumed.changes}] if resumed.changes else []
+        if changes:
+            meta["changes"] = changes
         last_saved = meta["step"]
     step = meta["step"]
     net: torch.nn.Module = model
