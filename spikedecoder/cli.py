@@ -6,9 +6,11 @@ import argparse
 import codecs
 import contextlib
 import json
+import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from .config import ConfigError
 from .data import DataError
 from .help import EXAMPLES, INTERRUPTED, PRECEDENCE, SAFETY, HelpFormatter
 from .optim import TrainingDiverged
-from .rundir import check_run_dirs, removed_if_left_empty
+from .rundir import claim_run_dirs, removed_if_left_empty
 from .settings import TrainConfig, load_config_file, model_config
 from .settings import train_config as settings_train_config
 
@@ -26,8 +28,10 @@ def train_config(config: dict[str, Any], args: argparse.Namespace) -> TrainConfi
     """The training settings with --data/--steps/--minutes on top (see settings.py for the precedence)."""
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: give a number of steps >= 1 (leave it out for the config's)")
-    if args.minutes is not None and not args.minutes > 0:
-        raise ConfigError(f"--minutes {args.minutes:g}: give a time budget > 0 (leave it out for no limit)")
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise ConfigError(
+            f"--minutes {args.minutes:g}: give a time budget > 0, a finite number of minutes (leave it out for none)"
+        )
     given = {"data": args.data, "max_steps": args.steps, "max_minutes": args.minutes}
     return settings_train_config(config, **given)
 
@@ -38,8 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config_file(args.config, args.set)
     mcfg, tcfg = model_config(config, args.preset), train_config(config, args)
-    (resume,) = check_run_dirs([Path(args.out)], args.resume, args.force)
-    result = train(mcfg, tcfg, args.out, resume=resume)
+    with claim_run_dirs([Path(args.out)], args.resume, args.force) as (resume,):
+        result = train(mcfg, tcfg, args.out, resume=resume, **allowed_changes(args))
     if result["rank"] == 0:
         print(json.dumps(result["val"], indent=2))
     return 0
@@ -55,18 +59,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     presets = args.presets or config.get("compare", {}).get("presets", ["spikedecoder", "ann"])
     models = [model_config(config, name) for name in presets]  # every preset's settings checked before any work
     out = Path(args.out)
-    resume = check_run_dirs([out / name for name in presets], args.resume, args.force)
-    data = prepare_data(tcfg)
-    prompt = config.get("compare", {}).get("prompt", "ROMEO:\n")
-    try:  # the samples' prompt is checked before hours of training, not after
-        data.tokenizer.encode(prompt)
-    except DataError as exc:
-        raise ConfigError(f"compare.prompt {prompt!r}: {exc}; set one with --set compare.prompt='\"...\"'") from exc
-    rows = []
-    for name, mcfg, again in zip(presets, models, resume, strict=True):
-        print(f"\n=== training {name} ===", flush=True)
-        result = train(mcfg, tcfg, out / name, resume=again, data=data)
-        rows.append((name, result))
+    with claim_run_dirs([out / name for name in presets], args.resume, args.force) as resume:
+        data = prepare_data(tcfg)
+        prompt = config.get("compare", {}).get("prompt", "ROMEO:\n")
+        try:  # the samples' prompt is checked before hours of training, not after
+            data.tokenizer.encode(prompt)
+        except DataError as exc:
+            raise ConfigError(f"compare.prompt {prompt!r}: {exc}; set one with --set compare.prompt='\"...\"'") from exc
+        rows = []
+        for name, mcfg, again in zip(presets, models, resume, strict=True):
+            print(f"\n=== training {name} ===", flush=True)
+            result = train(mcfg, tcfg, out / name, resume=again, data=data, **allowed_changes(args))
+            rows.append((name, result))
     for name, _ in rows:
         model, tokenizer, _ = load_checkpoint(out / name)
         print(f"\n--- sample from {name} (seed 0, temperature 0.8) ---")
@@ -74,6 +78,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("\n" + results_table(rows))
     (out / "results.json").write_text(json.dumps({n: r for n, r in rows}, indent=2) + "\n")
     return 0
+
+
+def allowed_changes(args: argparse.Namespace) -> dict[str, bool]:
+    """What a resume may change (--data-changed ok, --settings-changed ok; see resume.py)."""
+    return {
+        "allow_data_change": args.data_changed == "ok",
+        "allow_settings_change": args.settings_changed == "ok",
+    }
 
 
 def results_table(rows: list[tuple[str, dict]]) -> str:
@@ -92,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_text
     from .rundir import load_checkpoint
 
+    check_generate_args(args)
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     model = with_engine(model, args.engine)
     prompt = unescape(args.prompt) if args.escapes else args.prompt
@@ -119,6 +132,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     sys.stdout.write("".join(pending) + "\n")
     return 0
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """generate's options checked by their flags' names, before the model is loaded."""
+    checks = [
+        (args.tokens >= 0, f"--tokens {args.tokens}: give a number of new tokens >= 0"),
+        (
+            math.isfinite(args.temperature) and args.temperature >= 0,
+            f"--temperature {args.temperature:g}: give a finite number >= 0 (0 is greedy)",
+        ),
+        (args.top_k is None or args.top_k >= 1, f"--top-k {args.top_k}: give a number of tokens >= 1"),
+        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p {args.top_p}: give a probability in (0, 1]"),
+        (
+            args.seed is None or -(2**63) <= args.seed < 2**64,
+            f"--seed {args.seed}: give an integer between -2**63 and 2**64 - 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for flag, texts in (("--prompt", [args.prompt]), ("--stop", args.stop)):
+        for text in texts:
+            check_utf8(flag, text)
+
+
+def check_utf8(flag: str, text: str) -> None:
+    """Arguments that are not valid UTF-8 reach Python as lone surrogates (os.fsdecode); name the byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(text[exc.start])
+        raise ValueError(
+            f"{flag} holds a byte that is not valid UTF-8 ({byte!r} at character {exc.start}); pass UTF-8 text "
+            "(with --escapes, a character can be written as \\u00e9)"
+        ) from None
 
 
 def with_engine(model, engine: str):
@@ -268,8 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--force",
             action="store_true",
-            help=f"train {what} anew though --out holds one (the old checkpoint stays until replaced)",
+            help=f"train {what} anew though --out holds one (the old checkpoint and log stay until replaced)",
         )
+        p.add_argument(
+            "--data-changed", choices=("ok",),
+            help="with --resume: go on training on a text other than the run's (its SHA-256 differs; the run's "
+            "vocabulary is kept) (default: refused, naming the two files)",
+        )  # fmt: skip
+        p.add_argument(
+            "--settings-changed", choices=("ok",),
+            help="with --resume: go on with other optimisation settings than the run's (lr, batch_size, "
+            "warmup_steps, ...) (default: refused, naming each change; max_steps, max_minutes, the intervals, log "
+            "and device may change freely, with a note)",
+        )  # fmt: skip
 
     p = command("train", "Train one model (a preset of the ablation ladder plus overrides).")
     config_args(p)
@@ -371,17 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one `warning:` line on stderr (not Python's file:line and source echo)."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", None)
+    shown, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
         with removed_if_left_empty(out) if out else contextlib.nullcontext():
             return args.func(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\n" + INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        said = str(exc) if args.command in ("train", "compare") else ""  # training says what it kept
+        print("\n" + (said or INTERRUPTED.get(args.command, "interrupted")), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (`... | head`): stop quietly, as Unix tools do; stdout goes to /dev/null so that
@@ -390,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -385,13 +385,16 @@ class TokenData:
         unk: str | None = None,
         val_frac: float = 0.05,
         test_frac: float = 0.05,
+        tokenizer: Tok | None = None,
     ) -> TokenData:
-        """Tokenizer trained on the WHOLE text, then ids split (as nanoGPT does).
+        """Tokenizer trained on the WHOLE text, then ids split (as nanoGPT does); or, given a `tokenizer` (a
+        resumed run's), the text encoded with it.
 
         For chars this only means val/test never hit an unknown character; the model still learns nothing
         from val/test, and re-encoding the same file later (evaluation, checkpoints) gives the same splits.
         """
-        tokenizer = build_tokenizer(text, tokenizer_kind, vocab_size=vocab_size, unk=unk)
+        if tokenizer is None:
+            tokenizer = build_tokenizer(text, tokenizer_kind, vocab_size=vocab_size, unk=unk)
         ids = _encode_tensor(tokenizer, text)
         train, val, test = split_ids(ids, val_frac, test_frac)
         return cls(train, val, test, tokenizer)

@@ -7,9 +7,10 @@ attention mechanism keeps working:
 
 - Linear and Linear+Norm on spikes become `EventLinear` / `EventLinearNorm`: the weight is stored transposed, (in,
   out), so each input's row is contiguous, and the output is the sum of the rows of the active inputs (accumulate
-  only). The sum runs in a small C++ kernel (kernels/events.cpp, compiled on first use): per token it reads
-  the union of the active rows over the T steps once, four rows at a time, and adds each into the steps at which
-  its input spikes. Where it cannot be built (no compiler; or SPIKEDECODER_EVENT_KERNEL=0)
+  only). The sum runs in a small C++ kernel (kernels/events.cpp, compiled on first use by kernel_build.py, cached
+  per CPU feature set): per token it reads the union of the active rows over the T steps once, four rows at a time,
+  and adds each into the steps at which its input spikes. Where it cannot be built (no compiler or ninja: one
+  warning), for more than 64 timesteps (one warning), or with SPIKEDECODER_EVENT_KERNEL=0,
   `embedding_bag(mode="sum")` does the same sums, one bag per step and token, in the same order (the same floats):
   at width 1,024 a token takes 15.2 ms that way against 8.8-9.2 ms with the kernel (`benchmarks/decode.py`).
 - Work whose input is identical at every timestep is done once: a tensor whose T axis (dim 0) has stride 0 holds one
@@ -30,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import SpikingSelfAttention
+from .kernel_build import load_kernel
 from .layers import Linear, LinearNorm
 from .neurons import LIF
 
@@ -63,51 +66,59 @@ _ARANGE: dict[torch.device, Tensor] = {}
 
 
 def _arange(n: int, device: torch.device) -> Tensor:
-    if device not in _ARANGE or _ARANGE[device].numel() < n:
-        _ARANGE[device] = torch.arange(max(n, 64), device=device)
-    return _ARANGE[device][:n]
+    values = _ARANGE.get(device)  # read once: another thread may replace the entry meanwhile
+    if values is None or values.numel() < n:
+        values = _ARANGE[device] = torch.arange(max(n, 64), device=device)
+    return values[:n]
 
 
 class _Bags:
     """The bags of one spike tensor: each (step, token)'s active inputs, bag after bag, and each bag's offset.
-    The last input's bags are kept, so Linears reading the same spikes (Q, K and V) find them once."""
+    The last input's bags are kept, per thread, so Linears reading the same spikes (Q, K and V) find them once and
+    threads running models at once never see each other's."""
 
-    last: tuple[Tensor, int, tuple[Tensor, Tensor] | None] | None = None
+    _local = threading.local()
 
     @classmethod
     def of(cls, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        if cls.last is not None and cls.last[0] is x and cls.last[1] == x._version:
-            return cls.last[2]
+        last = getattr(cls._local, "last", None)
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
         spikes = as_spikes(x)
         bags = None
         if spikes is not None:
             flat = spikes.reshape(-1, spikes.shape[-1])
             bag, active = flat.nonzero(as_tuple=True)  # row-major: bag after bag
             bags = active, torch.searchsorted(bag, _arange(flat.shape[0], bag.device))  # each bag's first spike
-        cls.last = (x, x._version, bags)
+        cls._local.last = (x, x._version, bags)
         return bags
 
 
+MAX_KERNEL_STEPS = 64  # the kernel packs a token's steps into one 64-bit word
+_kernel_guard = threading.Lock()
+
+
 @functools.cache
+def _load_event_kernel():
+    source = Path(__file__).parent / "kernels" / "events.cpp"
+    return load_kernel("spikedecoder_events", source, ["-O3", "-ffp-contract=off"])
+
+
 def event_kernel():
-    """The compiled spike_linear kernel, or None (disabled, or it failed to build: then a warning, once)."""
+    """The compiled kernels, or None (SPIKEDECODER_EVENT_KERNEL=0, or they could not be built: then one warning
+    saying why, kernel_build.py). Built once per process, whichever thread asks first."""
     if os.environ.get("SPIKEDECODER_EVENT_KERNEL", "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        source = Path(__file__).parent / "kernels" / "events.cpp"
-        return load("spikedecoder_events", [str(source)], extra_cflags=["-O3", "-march=native", "-ffp-contract=off"])
-    except Exception as error:  # noqa: BLE001 - any build failure means the fallback, said once
-        warnings.warn(f"event kernel not built ({type(error).__name__}: {error}); using embedding_bag", stacklevel=2)
-        return None
+    with _kernel_guard:
+        return _load_event_kernel()
 
 
 def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
     """sum_i spikes[..., i] * rows[i] + bias without a multiply, the rows of the active inputs summed per step and
-    token. rows: (in, out) contiguous float32; spikes: (T, ..., in) bool."""
-    kernel = event_kernel()
-    if kernel is not None and spikes.device.type == "cpu" and rows.dtype == torch.float32 and spikes.dim() >= 2:
+    token. rows: (in, out) contiguous float32; spikes: (T, ..., in) bool. More than MAX_KERNEL_STEPS steps go to
+    embedding_bag (to_events warns once)."""
+    kernel = event_kernel() if spikes.dim() >= 2 and spikes.shape[0] <= MAX_KERNEL_STEPS else None
+    if kernel is not None and spikes.device.type == "cpu" and rows.dtype == torch.float32:
         flat = spikes.reshape(spikes.shape[0], -1, spikes.shape[-1])
         return kernel.spike_linear(flat, rows, bias).reshape(*spikes.shape[:-1], rows.shape[1])
     out = _rows_sum(_Bags.of(spikes), rows, bias)
@@ -284,6 +295,13 @@ def to_events(model: nn.Module) -> nn.Module:
     untouched. Raises ValueError when the model has no spikes or time-invariant work to exploit (the ANN)."""
     model = copy.deepcopy(model).eval()
     model.fold_norms()
+    steps = model.config.timesteps
+    if steps > MAX_KERNEL_STEPS and event_kernel() is not None:
+        warnings.warn(
+            f"timesteps={steps} > {MAX_KERNEL_STEPS}: the event kernel packs a token's steps into 64 bits, so the "
+            "Linears on spikes use embedding_bag (the same floats, slower)",
+            stacklevel=2,
+        )
     events = _probe(model)
     if not events:
         raise ValueError(

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from .inputs import check_token_ids
 from .layers import batch_invariant
 
+FIRST_CAPACITY = 1024  # new tokens the output buffer holds at first; it doubles when full
+
 
 # ---------------------------------------------------------------------------------------------- argument checks
 def _check_sampling(
@@ -85,7 +87,16 @@ def sample_next(
         drop_sorted = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # the more likely tokens already reach top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    except RuntimeError as exc:  # NaN/inf probabilities: say where they come from, not torch's internals
+        if bool(torch.isfinite(probs).all()):
+            raise
+        raise ValueError(
+            f"the next-token probabilities are not finite (temperature={temperature:g}): a temperature that small "
+            "overflows the scaled logits (use --greedy or a larger --temperature), or the model computes NaN/inf "
+            "logits (a damaged checkpoint)"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -173,7 +184,9 @@ def generate_ids(
     stops = torch.tensor(sorted({int(s) for s in stop_ids or ()}), dtype=torch.long, device=idx.device)
 
     b, s = idx.shape
-    out = torch.empty(b, s + max_new_tokens, dtype=torch.long, device=idx.device)
+    # the buffer grows by doubling as tokens come, so a huge max_new_tokens (stopped early, or streamed until
+    # Ctrl-C) never reserves memory for tokens that are not generated
+    out = torch.empty(b, s + min(max_new_tokens, FIRST_CAPACITY), dtype=torch.long, device=idx.device)
     out[:, :s] = idx
     n = s
     generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
@@ -196,6 +209,10 @@ def generate_ids(
                 if stops.numel():
                     token = torch.where(stop_token >= 0, stop_token, token)
                     stop_token = torch.where((stop_token < 0) & torch.isin(token, stops), token, stop_token)
+                if n == out.shape[1]:
+                    grown = torch.empty(b, min(2 * n, s + max_new_tokens), dtype=torch.long, device=idx.device)
+                    grown[:, :n] = out
+                    out = grown
                 out[:, n] = token
                 n += 1
                 if on_token is not None and on_token(int(token[0])):

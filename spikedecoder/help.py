@@ -59,11 +59,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 SAFETY = """safety: a run directory that holds a run is never overwritten unasked: add --resume to continue it or
---force to train anew (its checkpoint stays until the new run writes its first one)"""
+--force to train anew (its checkpoint and log stay until the new run writes its first checkpoint). --resume goes on
+only as the run was started: on another text with --data-changed ok, with other optimisation settings (lr,
+batch_size, ...) with --settings-changed ok; max_steps, max_minutes, the intervals, log and device may change.
+A run directory is locked while a training writes it: a second one into it stops at once."""
 
 
 INTERRUPTED = {
-    "train": "interrupted; the last checkpoint is kept (continue with --resume)",
+    "train": "interrupted; the last checkpoint is kept (continue with --resume)",  # training says more when it can
     "compare": "interrupted; the last checkpoints are kept (continue with --resume)",
     "study": "interrupted; finished variants and the last checkpoints are kept (rerun the same command to go on)",
     "generate": "interrupted; the text generated so far is printed above",

@@ -2,7 +2,14 @@
 atomically), its log, and the splits of the text it was trained on.
 
 Everything that reads a trained run (generation, evaluation, energy, studies, benchmarks) imports this module, never
-the training loop. A run directory holds `checkpoint/` (the latest good state) and `log.csv`.
+the training loop. A run directory holds `checkpoint/` (the latest good state) and `log.csv`. While a training
+writes it, the directory is locked (lock.py): a second training into it stops at once.
+
+A fresh run started over an old one (--force) writes its log to `.log-RUN.csv` until its first checkpoint has
+replaced the old run's; then that log replaces `log.csv`. So the log always belongs to the checkpoint beside it:
+a new run interrupted before its first checkpoint leaves the old run exactly as it was, and a crash between the
+checkpoint's swap and the log's is completed by the next training in the directory (`settle_logs`: the checkpoint
+names its run, RUN).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +38,7 @@ from .checkpoint import (
 )
 from .config import ConfigError
 from .data import DataError, _encode_tensor, file_sha256, load_text, split_ids, tokenizer_from_dict
+from .lock import Locked, exclusive, locked_by_another
 from .model import SpikeDecoder
 
 
@@ -108,6 +117,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[SpikeD
     """(model in eval mode, tokenizer, training metadata) from a run or checkpoint directory."""
     ckpt = resolve(checkpoint_dir(path))
     model = SpikeDecoder.from_pretrained(ckpt, map_location)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # training never saves such weights (it stops at a NaN): the file was damaged or written elsewhere
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'} holds NaN or infinite weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the checkpoint is damaged: retrain, or restore it from a copy"
+        )
     tok_path = ckpt / "tokenizer.json"
     tokenizer = tokenizer_from_dict(read_json(tok_path)) if tok_path.exists() else None
     if tokenizer is None:
@@ -241,13 +256,14 @@ def check_writable(path: str | Path, what: str = "--out") -> None:
 
 def check_run_dirs(run_dirs: list[Path], resume: bool, force: bool) -> list[bool]:
     """Never overwrite a run unasked: a directory that holds a run needs resume (continue it) or force (train anew;
-    its checkpoint stays until the new run writes its first one). resume with nothing to resume is an error.
-    Returns, per directory, whether to resume it (one that holds no checkpoint starts fresh)."""
+    its checkpoint and log stay until the new run writes its first checkpoint). resume where no directory holds a
+    run is an error; a run that stopped before its first checkpoint (a log, no checkpoint) starts again from step 0.
+    Returns, per directory, whether to resume it from its checkpoint."""
     if resume and force:
         raise ConfigError("--resume and --force contradict each other: --resume continues a run, --force replaces it")
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 checks (the others could see its new files)
         return [resume and has_checkpoint(d) for d in run_dirs]
-    if resume and not any(has_checkpoint(d) for d in run_dirs):
+    if resume and not any(holds_run(d) for d in run_dirs):
         where = " or ".join(str(d) for d in run_dirs)
         raise ConfigError(f"--resume: nothing to resume, {where} holds no checkpoint; leave out --resume to start")
     taken = [str(d) for d in run_dirs if holds_run(d)]
@@ -258,19 +274,58 @@ def check_run_dirs(run_dirs: list[Path], resume: bool, force: bool) -> list[bool
         )
     for d in run_dirs:
         check_writable(d)
+        if resume and holds_run(d) and not has_checkpoint(d):
+            said = "holds no checkpoint (its run stopped before the first one): starting it from step 0"
+            print(f"note: {d} {said}", file=sys.stderr)
     return [resume and has_checkpoint(d) for d in run_dirs]
+
+
+@contextlib.contextmanager
+def claim_run_dirs(run_dirs: list[Path], resume: bool, force: bool) -> Iterator[list[bool]]:
+    """check_run_dirs while holding every directory's lock (made if missing), for the whole block: two commands
+    writing one run directory at once cannot both pass the check. Yields check_run_dirs' answer."""
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 holds the locks
+        yield check_run_dirs(run_dirs, resume, force)
+        return
+    if resume and force:
+        check_run_dirs(run_dirs, resume, force)  # the contradiction, before anything is made
+    with contextlib.ExitStack() as stack:
+        for d in run_dirs:
+            stack.enter_context(lock_run_dir(d))
+        yield check_run_dirs(run_dirs, resume, force)
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Make run_dir if missing and hold its lock for the block (re-entrant in one process); a directory another
+    process holds is a ConfigError. On an error, the folders made here and left empty are removed again."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir)
+    with removed_if_left_empty(run_dir), contextlib.ExitStack() as stack:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            stack.enter_context(exclusive(run_dir))
+        except Locked:
+            raise ConfigError(
+                f"{run_dir} is being written by another training right now (it holds the run directory's lock); "
+                "wait for it to end, or choose another --out"
+            ) from None
+        yield
 
 
 @contextlib.contextmanager
 def removed_if_left_empty(path: str | Path) -> Iterator[None]:
     """On an error, remove the folders of `path` that did not exist before and are still empty: a failed command
-    leaves no empty output folders behind (and never touches what was there)."""
+    leaves no empty output folders behind (and never touches what was there, nor a folder another process has
+    locked since)."""
     path = Path(path).absolute()
     created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     try:
         yield
     except BaseException:
         for folder in created:
+            if locked_by_another(folder):
+                break
             try:
                 folder.rmdir()
             except FileNotFoundError:  # never made
@@ -281,15 +336,48 @@ def removed_if_left_empty(path: str | Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- logging
+def pending_log(run_dir: Path, run: str) -> Path:
+    """Where a fresh run over an old one logs until its first checkpoint (module docstring)."""
+    return run_dir / f".log-{run}.csv"
+
+
+def settle_logs(run_dir: Path) -> None:
+    """Finish what a crash interrupted: the pending log of the run whose checkpoint is in run_dir becomes log.csv;
+    the pending logs of runs that never wrote a checkpoint are removed."""
+    run = None
+    if has_checkpoint(run_dir):
+        with contextlib.suppress(CheckpointError):
+            run = read_json(resolve(run_dir / "checkpoint") / "training.json").get("run")
+    for path in run_dir.glob(".log-*.csv"):
+        if run is not None and path == pending_log(run_dir, run):
+            os.replace(path, run_dir / "log.csv")
+        else:
+            path.unlink(missing_ok=True)
+
+
 class Logger:
-    def __init__(self, run_dir: Path, kind: str):
-        self.kind, self.path, self.writer = kind, run_dir / "log.csv", None
+    """Training curves in log.csv (step, key, value), and in TensorBoard if asked. `pending`: the run id of a fresh
+    run over an old one, which logs to its pending log until `adopt` (after its first checkpoint)."""
+
+    def __init__(self, run_dir: Path, kind: str, pending: str | None = None):
+        self.kind, self.final, self.writer = kind, run_dir / "log.csv", None
+        self.path = pending_log(run_dir, pending) if pending else self.final
         if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise ConfigError("log='tensorboard' needs `pip install tensorboard`; or use log='csv'") from exc
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def adopt(self) -> None:
+        """The run's checkpoint is on disk: its log becomes log.csv (once; later calls do nothing). A run that logs
+        nothing (log='none') removes the old run's log instead, which no longer belongs to the checkpoint."""
+        if self.path != self.final:
+            if self.path.exists():
+                os.replace(self.path, self.final)
+            else:
+                self.final.unlink(missing_ok=True)
+            self.path = self.final
 
     def truncate(self, step: int) -> None:
         """Forget rows after `step`: a resumed run redoes them (and a fresh run, step 0, starts a new log)."""

@@ -126,20 +126,22 @@ def evaluate(
         n_batches = min(n_batches, max_batches)
     batches = eval_batches(ids, block, batch_size)
     bar = tqdm(batches, total=n_batches, disable=not progress, delay=1.0, leave=False, desc="evaluate", unit="batch")
-    for i, (x, y) in enumerate(bar):
-        if max_batches is not None and i >= max_batches:
-            break
-        if i % rt.world != rt.rank:
-            continue
-        x, y = x.to(rt.device), y.to(rt.device)
-        with rt.autocast():
-            logits = model(x)
-        logits = logits.float()
-        total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-    bar.close()
-    model.train(was_training)
+    try:
+        for i, (x, y) in enumerate(bar):
+            if max_batches is not None and i >= max_batches:
+                break
+            if i % rt.world != rt.rank:
+                continue
+            x, y = x.to(rt.device), y.to(rt.device)
+            with rt.autocast():
+                logits = model(x)
+            logits = logits.float()
+            total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += y.numel()
+    finally:
+        bar.close()  # clears the bar's line, also when an error follows
+        model.train(was_training)
     if rt.world > 1:
         total_loss, correct, count = rt.all_sum([total_loss, correct, count])
         correct, count = int(correct), int(count)

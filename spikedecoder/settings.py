@@ -11,6 +11,7 @@ Precedence, highest first (the same for `train`, `compare`, `info` and `study`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -56,15 +57,34 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below that they should fail
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train.{f.name}={value}: give a finite number")
         checks = [
             (self.tokenizer in ("char", "bpe", "word"), f"tokenizer={self.tokenizer!r}: choose char, bpe or word"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0 (leave it out for no limit)"),
-            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
-            (self.eval_interval >= 1 and self.checkpoint_interval >= 1, "intervals must be >= 1"),
+            (self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1"),
+            (self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1"),
+            (
+                self.max_minutes is None or self.max_minutes > 0,
+                f"max_minutes={self.max_minutes}: must be > 0 (leave it out for no limit)",
+            ),
+            (
+                self.lr > 0 and 0 <= self.min_lr <= self.lr,
+                f"lr={self.lr:g}, min_lr={self.min_lr:g}: need lr > 0 and 0 <= min_lr <= lr",
+            ),
+            (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0"),
+            (self.weight_decay >= 0, f"weight_decay={self.weight_decay:g}: must be >= 0"),
+            (0 <= self.beta1 < 1, f"beta1={self.beta1:g}: must be in [0, 1)"),
+            (0 <= self.beta2 < 1, f"beta2={self.beta2:g}: must be in [0, 1)"),
+            (self.grad_clip >= 0, f"grad_clip={self.grad_clip:g}: must be >= 0 (0 disables clipping)"),
+            (self.eval_interval >= 1, f"eval_interval={self.eval_interval}: must be >= 1"),
+            (self.checkpoint_interval >= 1, f"checkpoint_interval={self.checkpoint_interval}: must be >= 1"),
+            (self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size}: must be >= 1"),
+            (
+                self.eval_batches is None or self.eval_batches >= 1,
+                f"eval_batches={self.eval_batches}: must be >= 1 (leave it out for the whole split)",
+            ),
             (self.log in ("csv", "tensorboard", "none"), f"log={self.log!r}: choose csv, tensorboard or none"),
             (
                 isinstance(self.device, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device) is not None,
@@ -74,7 +94,7 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ConfigError(msg)
+                raise ConfigError(f"train.{msg}")  # named as in the config file and --set
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -12,13 +12,21 @@ every rank, draws the global batch of N * batch_size windows and rank r trains o
 take the same optimisation steps as one process of batch N * B (up to float rounding; BatchNorm statistics are per
 rank). Rank 0 writes the checkpoints and the log; evaluation is split over the ranks. On a GPU, the forward pass runs
 under bf16 autocast unless precision='fp32'.
+
+A resumed run is checked against its checkpoint first (resume.py): the same text and the same optimisation
+settings unless allowed. Nothing is written before the checks pass, and the run directory is locked while a
+training writes it (rundir.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +37,28 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
-from .config import SpikeDecoderConfig
-from .data import TokenData, get_batch, load_text, unit_name
+from .config import ConfigError, SpikeDecoderConfig
+from .data import DataError, TokenData, get_batch, load_text, unit_name
 from .model import SpikeDecoder
 from .optim import TrainingDiverged, grad_norm, learning_rate, lm_loss, param_groups
-from .rundir import Logger, data_source, has_checkpoint, rank_key, restore_training_state, rng_state, save_checkpoint
+from .resume import check_resume
+from .rundir import (
+    Logger,
+    data_source,
+    has_checkpoint,
+    lock_run_dir,
+    rank_key,
+    restore_training_state,
+    rng_state,
+    save_checkpoint,
+    settle_logs,
+)
 from .runtime import Runtime, evaluate, setup_runtime
 from .settings import TrainConfig
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what is kept and which command goes on."""
 
 
 def prepare_data(cfg: TrainConfig) -> TokenData:
@@ -66,16 +89,59 @@ def train(
     resume: bool = False,
     progress: bool = True,
     data: TokenData | None = None,
+    allow_data_change: bool = False,
+    allow_settings_change: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a model in run_dir; returns the final validation metrics and run facts.
 
-    Under torchrun, every rank calls this with the same arguments (see the module docstring)."""
+    resume: continue from run_dir's checkpoint, which must agree with `cfg` and the text (resume.py) unless
+    allow_data_change / allow_settings_change. Under torchrun, every rank calls this with the same arguments (see
+    the module docstring)."""
     rt = setup_runtime(cfg)
     try:
-        return _train(model_cfg, cfg, Path(run_dir), resume, progress, data, rt)
+        with lock_run_dir(run_dir) if rt.main else contextlib.nullcontext():
+            return _train(model_cfg, cfg, Path(run_dir), resume, progress, data, rt, allow_data_change,
+                          allow_settings_change)  # fmt: skip
     finally:
         if rt.owns_group:
             dist.destroy_process_group()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory errors: CUDA's, and the CPU allocator's RuntimeError."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
+def check_fits(model_cfg: SpikeDecoderConfig, cfg: TrainConfig, data: TokenData, rt: Runtime) -> None:
+    """Refuse, before any allocation, a batch whose activations surely exceed the memory there is. A lower bound
+    (the real need is several times larger): at every timestep each layer keeps its input and its MLP's hidden
+    activation for the backward pass, one value per channel (evaluation: one layer at a time), and the logits one
+    value per vocabulary entry. (On Linux a larger allocation than fits is often granted and then the process is
+    killed, with no error to report: so the check comes first.)"""
+    if rt.device.type == "cuda":
+        total = torch.cuda.get_device_properties(rt.device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    size = 4 if cfg.precision == "fp32" or (cfg.precision == "auto" and rt.device.type == "cpu") else 2  # bf16
+    layer = model_cfg.timesteps * (model_cfg.mlp_ratio + 1) * model_cfg.n_embd
+    windows = len(data.val) // model_cfg.max_len + 1  # evaluation batches hold at most the split's windows
+    for key, batch, per_token in (
+        ("batch_size", cfg.batch_size, model_cfg.n_layer * layer + data.vocab_size),
+        ("eval_batch_size", min(cfg.eval_batch_size, windows), layer + data.vocab_size),
+    ):
+        need = size * batch * model_cfg.max_len * per_token
+        if need > total:
+            raise ConfigError(
+                f"train.{key}={getattr(cfg, key)} with model.max_len={model_cfg.max_len} needs at least "
+                f"{need / 2**30:,.0f} GiB for one step's activations, more than the {total / 2**30:,.0f} GiB of memory "
+                f"on {rt.device}: lower it (--set train.{key}=...)"
+            )
 
 
 def _train(
@@ -86,13 +152,28 @@ def _train(
     progress: bool,
     data: TokenData | None,
     rt: Runtime,
+    allow_data_change: bool = False,
+    allow_settings_change: bool = False,
 ) -> dict[str, Any]:
-    data = data or prepare_data(cfg)  # bad data fails before the run directory exists
-    if rt.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = None
+    if resume and has_checkpoint(run_dir):  # checked before anything is written
+        resumed = check_resume(run_dir, cfg, data, allow_data_change, allow_settings_change)
+        data = resumed.data
+    data = data or prepare_data(cfg)  # bad data fails before anything is written
     tokenizer = data.tokenizer
     unit = unit_name(tokenizer)
     model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
+    if len(data.train) < model_cfg.max_len + 1:
+        raise DataError(
+            f"the training split has {len(data.train)} tokens but one training window needs model.max_len + 1 = "
+            f"{model_cfg.max_len + 1}: use a longer text (--data) or a shorter context (--set model.max_len=...)"
+        )
+    check_fits(model_cfg, cfg, data, rt)
+    replacing = resumed is None and has_checkpoint(run_dir)  # a fresh run over an old one (--force)
+    if rt.main:
+        settle_logs(run_dir)
+        for note in resumed.notes if resumed else []:
+            print(f"note: {run_dir}: {note}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     model = SpikeDecoder(model_cfg).to(rt.device)
     if rt.rank:
@@ -101,10 +182,15 @@ def _train(
     gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU, the same on every rank
     meta: dict[str, Any] = {"train": dataclasses.asdict(cfg), "step": 0, "history": [], "train_seconds": 0.0}
     meta["data_file"] = data_source(cfg.data)
+    meta["run"] = uuid.uuid4().hex[:12]  # names the run's pending log (rundir.py)
     last_saved: int | None = None
-    if resume and has_checkpoint(run_dir):
+    if resumed is not None:
         start_meta = restore_training_state(run_dir, model, opt, gen, rt.device, rt.rank)
-        meta.update({k: start_meta[k] for k in ("step", "history", "train_seconds") if k in start_meta})
+        meta.update({k: start_meta[k] for k in ("step", "history", "train_seconds", "run") if k in start_meta})
+        changes = list(start_meta.get("changes", []))  # what resumes changed, kept with the run
+        changes += [{"step": start_meta["step"], **resumed.changes}] if resumed.changes else []
+        if changes:
+            meta["changes"] = changes
         last_saved = meta["step"]
     step = meta["step"]
     net: torch.nn.Module = model
@@ -112,7 +198,7 @@ def _train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    logger = Logger(run_dir, cfg.log if rt.main else "none")
+    logger = Logger(run_dir, cfg.log if rt.main else "none", pending=meta["run"] if replacing else None)
     if rt.main:
         logger.truncate(step)
     model.train()
@@ -127,9 +213,18 @@ def _train(
     last_eval: dict[str, float] = {}
 
     def kept() -> str:
-        if last_saved is None:
-            return f"no checkpoint was written yet (checkpoint_interval={cfg.checkpoint_interval})"
-        return f"the last good checkpoint in {run_dir / 'checkpoint'} (step {last_saved}) is kept"
+        if last_saved is not None:
+            return f"the last good checkpoint in {run_dir / 'checkpoint'} (step {last_saved}) is kept"
+        said = f"no checkpoint was written yet (checkpoint_interval={cfg.checkpoint_interval})"
+        return said + (f"; {run_dir} still holds the previous run, unchanged" if replacing else "")
+
+    def again(changed: bool = False) -> str:
+        """The command that goes on from what is kept (`changed`: after changing a training setting)."""
+        if last_saved is not None:
+            return "resume with --resume" + (" --settings-changed ok" if changed else "")
+        if replacing:
+            return "start the new run again with --force (--resume would continue the previous one)"
+        return "start again with --force (nothing was saved: it replaces only the log)"
 
     def checkpoint() -> None:
         nonlocal last_saved
@@ -143,67 +238,76 @@ def _train(
         if rt.main:
             try:
                 save_checkpoint(run_dir, model, tokenizer, meta, opt, gen, rng)
+                logger.adopt()  # a fresh run's log replaces the old run's once its checkpoint has
             except (OSError, SafetensorError) as exc:
                 error = exc
         failed = rt.all_sum([float(error is not None)])[0] > 0  # every rank stops if rank 0 could not write
         if failed:
-            bar.close()
             raise CheckpointError(
                 f"could not write the checkpoint of step {step} in {run_dir} ({error or 'see rank 0'}); "
-                f"{kept()}. Free disk space or fix the directory's permissions, then resume with --resume."
+                f"{kept()}. Free disk space or fix the directory's permissions, then {again()}."
             ) from error
         last_saved = step
 
-    while step < cfg.max_steps:
-        lr = learning_rate(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = rank_batch(data.train, cfg.batch_size, model_cfg.max_len, gen, rt)
-        out_of_time = cfg.max_minutes is not None and (time.time() - start) > 60 * cfg.max_minutes
-        with rt.autocast():
-            loss = lm_loss(net(x).float(), y)
-        if rt.world > 1:  # the mean loss over all ranks, and whether any rank ran out of time
-            loss_sum, late = rt.all_sum([loss.item(), float(out_of_time)])
-            loss_value, out_of_time = loss_sum / rt.world, late > 0
-        else:
-            loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step}; {kept()}. "
-                "Lower lr, raise warmup_steps or set grad_clip, then resume with --resume."
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = grad_norm(model, cfg.grad_clip).item()
-        if not math.isfinite(gnorm):
-            bar.close()
-            raise TrainingDiverged(
-                f"gradient norm became {gnorm} at step {step} (loss {loss_value:.4g}); {kept()}. "
-                "Lower lr or raise warmup_steps, then resume with --resume."
-            )
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-        logger(step, {"train/loss": loss_value, "train/lr": lr})
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-            last_eval = evaluate(model, data.val, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
-            meta["history"].append({"step": step, **last_eval})
-            logger(step, {f"val/{k}": v for k, v in last_eval.items()})
-            if rt.main:
-                bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in last_eval.items()))
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
-            checkpoint()
-        if out_of_time:
-            if rt.main:
-                bar.write(
-                    f"stopping after {cfg.max_minutes} minutes at step {step} (checkpoint saved; --resume goes on)"
+    try:
+        while step < cfg.max_steps:
+            lr = learning_rate(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = rank_batch(data.train, cfg.batch_size, model_cfg.max_len, gen, rt)
+            out_of_time = cfg.max_minutes is not None and (time.time() - start) > 60 * cfg.max_minutes
+            with rt.autocast():
+                loss = lm_loss(net(x).float(), y)
+            if rt.world > 1:  # the mean loss over all ranks, and whether any rank ran out of time
+                loss_sum, late = rt.all_sum([loss.item(), float(out_of_time)])
+                loss_value, out_of_time = loss_sum / rt.world, late > 0
+            else:
+                loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step}; {kept()}. "
+                    f"Lower lr, raise warmup_steps or set grad_clip, then {again(changed=True)}."
                 )
-            break
-    bar.close()
-    if not last_eval:
-        last_eval = evaluate(model, data.val, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = grad_norm(model, cfg.grad_clip).item()
+            if not math.isfinite(gnorm):
+                raise TrainingDiverged(
+                    f"gradient norm became {gnorm} at step {step} (loss {loss_value:.4g}); {kept()}. "
+                    f"Lower lr or raise warmup_steps, then {again(changed=True)}."
+                )
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+            logger(step, {"train/loss": loss_value, "train/lr": lr})
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+                last_eval = evaluate(model, data.val, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
+                meta["history"].append({"step": step, **last_eval})
+                logger(step, {f"val/{k}": v for k, v in last_eval.items()})
+                if rt.main:
+                    bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in last_eval.items()))
+            if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
+                checkpoint()
+            if out_of_time:
+                if rt.main:
+                    bar.write(
+                        f"stopping after {cfg.max_minutes} minutes at step {step} (checkpoint saved; --resume goes on)"
+                    )
+                break
+        if not last_eval:
+            last_eval = evaluate(model, data.val, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted at step {step}; {kept()}: {again()}") from None
+    except (RuntimeError, MemoryError) as exc:
+        if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
+            raise
+        raise ConfigError(
+            f"out of memory at step {step} (train.batch_size={cfg.batch_size}, model.max_len={model_cfg.max_len}, "
+            f"on {rt.device}); {kept()}: lower --set train.batch_size (or the model's size), then {again(True)}"
+        ) from None
+    finally:
+        bar.close()  # ends the bar's line, so that a message after it starts on its own
     return {
         "val": last_eval,
         "step": step,

@@ -339,3 +339,268 @@ def test_study_does_not_continue_a_checkpoint_trained_with_other_settings(tmp_pa
     argv = ["study", str(toy), "--out", str(out), "--data", str(data), "--no-progress", "--only", variant.name]
     fails_with(capsys, argv, f"{run_dir} was trained with other settings (train.lr changed)", "another --out")
     assert snapshot(run_dir) == before
+
+
+# ---------------------------------------------------------------------------------------------- resume checks
+def training_meta(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "checkpoint" / "training.json").read_text())
+
+
+def test_resume_on_another_text_is_refused_unless_told(run: Path, data_file: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.replace("harbour", "harbor") + "Le café était calme.\n")  # the run's characters only
+    before = snapshot(run)
+    err = fails_with(capsys, train_argv(other, run, "--resume", "--steps", "8"), "another text", "--data-changed ok")
+    assert str(data_file) in err and str(other) in err  # both files named, the run's as the fix
+    no_data = [a for a in train_argv(data_file, run, "--resume", "--steps", "8") if a not in ("--data", str(data_file))]
+    fails_with(capsys, no_data, "the built-in corpus", f"--data {data_file}")
+    assert snapshot(run) == before
+    # told: the run goes on with its own vocabulary (no id changes meaning) and records the change
+    assert main(train_argv(other, run, "--resume", "--steps", "8", "--data-changed", "ok")) == 0
+    assert (run / "checkpoint" / "tokenizer.json").read_bytes() == before["checkpoint/tokenizer.json"]
+    meta = training_meta(run)
+    assert meta["step"] == 8 and meta["data_file"]["path"] == str(other)
+    assert meta["changes"][0]["step"] == 6 and meta["changes"][0]["data_file"][0]["path"] == str(data_file)
+    # a text with characters the run's vocabulary lacks cannot be trained on, told or not
+    alien = tmp_path / "alien.txt"
+    alien.write_text(TEXT + "Zebra~\n")
+    fails_with(capsys, train_argv(alien, run, "--resume", "--steps", "9", "--data-changed", "ok"), "lacks: 'Z', '~'")
+
+
+def test_resume_on_a_moved_copy_of_the_text_goes_on(run: Path, data_file: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(data_file.read_bytes())
+    capsys.readouterr()
+    assert main(train_argv(copy, run, "--resume", "--steps", "7")) == 0
+    assert "same SHA-256" in capsys.readouterr().err
+    assert training_meta(run)["data_file"]["path"] == str(copy)
+
+
+def test_resume_with_other_settings_names_them(run: Path, data_file: Path, capsys) -> None:
+    before = snapshot(run)
+    argv = train_argv(data_file, run, "--resume", "--steps", "8", "--set", "train.lr=0.005")
+    argv += ["--set", "train.batch_size=4"]
+    fails_with(capsys, argv, "train.lr: 0.01 -> 0.005", "train.batch_size: 8 -> 4", "--settings-changed ok")
+    unk = train_argv(data_file, run, "--resume", "--steps", "8", "--set", "train.unk='?'", "--settings-changed", "ok")
+    fails_with(capsys, unk, "another tokenizer (train.unk: None -> '?')", "--force")
+    assert snapshot(run) == before
+    assert main([*argv, "--settings-changed", "ok"]) == 0
+    meta = training_meta(run)
+    assert meta["train"]["lr"] == 0.005 and meta["changes"] == [
+        {"step": 6, "settings": {"lr": [0.01, 0.005], "batch_size": [8, 4]}}
+    ]
+    # bookkeeping may change with a note
+    capsys.readouterr()
+    argv = train_argv(data_file, run, "--resume", "--steps", "9", "--set", "train.lr=0.005")
+    assert main([*argv, "--set", "train.batch_size=4", "--set", "train.checkpoint_interval=2"]) == 0
+    err = capsys.readouterr().err
+    assert "train.max_steps: 8 -> 9" in err and "train.checkpoint_interval: 500 -> 2" in err
+
+
+def test_resume_with_fewer_steps_than_done_says_there_is_nothing_to_do(run: Path, data_file: Path, capsys) -> None:
+    before = snapshot(run)
+    fails_with(capsys, train_argv(data_file, run, "--resume", "--steps", "3"), "at step 6, past max_steps=3", "--steps")
+    assert snapshot(run) == before
+    capsys.readouterr()
+    assert main(train_argv(data_file, run, "--resume", "--steps", "6")) == 0
+    assert "nothing to train (give --steps above 6 to go on)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- interruptions
+def interrupt_at(monkeypatch, step: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    """Training raises `error` when it draws the batch of step `step` (1-based)."""
+    real, calls = train_module.get_batch, []
+
+    def get_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_a_command_that_goes_on(
+    tmp_path: Path, data_file: Path, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, 3)
+    capsys.readouterr()
+    assert main(train_argv(data_file, out, "--steps", "4")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2; no checkpoint was written yet (checkpoint_interval=500)" in err
+    assert "start again with --force" in err and not (out / "checkpoint").exists()
+    monkeypatch.undo()
+    assert main(train_argv(data_file, out, "--steps", "4", "--force")) == 0  # the command it named
+    assert training_meta(out)["step"] == 4 and log_steps(out) == [1, 2, 3, 4]
+    # --resume on such a run (a log, no checkpoint) starts it from step 0 too, as compare does
+    (out / "checkpoint").rename(tmp_path / "away")
+    capsys.readouterr()
+    assert main(train_argv(data_file, out, "--steps", "2", "--resume")) == 0
+    assert "(its run stopped before the first one): starting it from step 0" in capsys.readouterr().err
+    assert training_meta(out)["step"] == 2 and log_steps(out) == [1, 2]
+
+
+def test_nan_loss_before_the_first_checkpoint_says_a_command_that_goes_on(
+    tmp_path: Path, data_file: Path, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    real = train_module.lm_loss
+    monkeypatch.setattr(train_module, "lm_loss", lambda logits, y: real(logits, y) * float("nan"))
+    err = fails_with(capsys, train_argv(data_file, out, "--steps", "3"), "no checkpoint was written yet")
+    assert "start again with --force" in err
+    monkeypatch.undo()
+    assert main(train_argv(data_file, out, "--steps", "3", "--force", "--set", "train.lr=0.005")) == 0
+
+
+def test_non_finite_settings_are_refused(tmp_path: Path, data_file: Path, capsys) -> None:
+    for item in ("train.lr=inf", "train.grad_clip=inf", "train.weight_decay=nan", "train.min_lr=-inf"):
+        fails_with(capsys, train_argv(data_file, tmp_path / "r", "--set", item), f"{item.split('=')[0]}=", "finite")
+    fails_with(capsys, train_argv(data_file, tmp_path / "r", "--minutes", "inf"), "--minutes inf", "finite")
+    fails_with(capsys, train_argv(data_file, tmp_path / "r", "--set", "train.eval_interval=0"), "train.eval_interval=0")
+    assert not (tmp_path / "r").exists()
+
+
+def log_steps(run: Path) -> list[int]:
+    rows = (run / "log.csv").read_text().splitlines()[1:]
+    return sorted({int(r.split(",")[0]) for r in rows})
+
+
+def test_force_then_ctrl_c_before_the_first_checkpoint_keeps_the_old_run_whole(
+    run: Path, data_file: Path, capsys, monkeypatch
+) -> None:
+    before = snapshot(run)
+    interrupt_at(monkeypatch, 3)
+    capsys.readouterr()
+    assert main(train_argv(data_file, run, "--force", "--steps", "20")) == 130
+    err = capsys.readouterr().err
+    assert f"{run} still holds the previous run, unchanged" in err and "again with --force" in err
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if not k.startswith(".log-")} == before  # log and checkpoint: the old run
+    monkeypatch.undo()
+    assert main(train_argv(data_file, run, "--resume", "--steps", "8")) == 0  # continues the old run, log and all
+    assert log_steps(run) == list(range(1, 9)) and sorted(p.name for p in run.iterdir()) == ["checkpoint", "log.csv"]
+
+
+def test_a_crash_between_the_checkpoint_and_the_log_swap_is_completed(run: Path, data_file: Path, monkeypatch) -> None:
+    import spikedecoder.rundir as rundir_module
+
+    def killed_before_the_log_swap(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir_module.Logger, "adopt", killed_before_the_log_swap)
+    argv = train_argv(data_file, run, "--force", "--steps", "3", "--set", "train.checkpoint_interval=2")
+    assert main(argv) == 130
+    assert training_meta(run)["step"] == 2 and log_steps(run) == list(range(1, 7))  # new checkpoint, old log
+    monkeypatch.undo()
+    assert main(train_argv(data_file, run, "--resume", "--steps", "3")) == 0
+    assert log_steps(run) == [1, 2, 3] and sorted(p.name for p in run.iterdir()) == ["checkpoint", "log.csv"]
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_directory_written_by_another_process_is_refused(run: Path, data_file: Path, capsys) -> None:
+    import signal
+
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run)
+        for extra in (["--resume", "--steps", "8"], ["--force", "--steps", "2"]):
+            fails_with(capsys, train_argv(data_file, run, *extra), "being written by another training", "--out")
+        assert snapshot(run) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)  # kill -9 releases the lock: nothing stale is left
+        holder.wait()
+    assert main(train_argv(data_file, run, "--resume", "--steps", "7")) == 0
+
+
+def test_the_run_directory_is_locked_while_training_writes_it(tmp_path: Path, data_file: Path, monkeypatch) -> None:
+    probe = "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | "
+    probe += "fcntl.LOCK_NB)\n    print('free')\nexcept BlockingIOError:\n    print('locked')\n"
+    seen: list[str] = []
+    real = train_module.lm_loss
+
+    def loss(logits, y):
+        seen.append(subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True).stdout)
+        return real(logits, y)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_module, "lm_loss", loss)
+    assert main(train_argv(data_file, out, "--steps", "2")) == 0
+    assert [s.strip() for s in seen] == ["locked", "locked"]
+    assert subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True).stdout == "free\n"
+
+
+# ---------------------------------------------------------------------------------------------- one error line
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path: Path, data_file: Path, capsys):
+    argv = train_argv(data_file, tmp_path / "r", "--set", "train.batch_size=100000000")
+    fails_with(capsys, argv, "train.batch_size=100000000", "GiB", "--set train.batch_size")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_of_memory_during_training_is_one_error_line(tmp_path: Path, data_file: Path, capsys, monkeypatch):
+    interrupt_at(monkeypatch, 2, RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9"))
+    err = fails_with(capsys, train_argv(data_file, tmp_path / "r", "--steps", "3"), "out of memory at step 1")
+    assert "--set train.batch_size" in err
+
+
+def test_a_checkpoint_with_nan_weights_is_one_error_line(run: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = run / "checkpoint" / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 2)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(path))
+    for argv in (["generate", str(run), "--prompt", "the"], ["evaluate", str(run)]):
+        fails_with(capsys, argv, "NaN or infinite weights", name, "restore")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--tokens", "-5"], "--tokens -5: give a number of new tokens >= 0"),
+        (["--top-k", "0"], "--top-k 0: give a number of tokens >= 1"),
+        (["--top-p", "1.5"], "--top-p 1.5: give a probability in (0, 1]"),
+        (["--temperature", "nan"], "--temperature nan: give a finite number >= 0"),
+        (["--seed", str(2**70)], f"--seed {2**70}: give an integer between"),
+        (["--prompt", "the \udcff lamp"], "--prompt holds a byte that is not valid UTF-8 (b'\\xff' at character 4)"),
+        (["--stop", "\udcfe"], "--stop holds a byte that is not valid UTF-8 (b'\\xfe'"),
+    ],
+)
+def test_generate_options_are_named_by_their_flags(trained: Path, capsys, extra: list[str], needle: str) -> None:
+    fails_with(capsys, ["generate", str(trained), *extra], needle)
+
+
+def test_generate_with_a_huge_token_count_streams_instead_of_reserving_it(trained: Path, capsys) -> None:
+    from spikedecoder.rundir import load_checkpoint
+
+    _, tokenizer, _ = load_checkpoint(trained)
+    stops = [arg for c in tokenizer.chars if c != "\n" for arg in ("--stop", c)]  # any new character stops it
+    capsys.readouterr()
+    assert main(["generate", str(trained), "--prompt", "the", "--tokens", "100000000000", *stops, "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the") and len(out) < 100 and err == ""
+
+
+def test_a_data_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path, data_file: Path, capsys) -> None:
+    argv = train_argv(data_file, tmp_path / "r", "--set", "model.max_len=4000")
+    err = fails_with(capsys, argv, "model.max_len + 1 = 4001", "--set model.max_len")
+    assert all(line.startswith("error: ") for line in err.split("\n") if "error:" in line), repr(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_force_without_a_log_drops_the_old_runs_log_with_its_checkpoint(run: Path, data_file: Path) -> None:
+    assert main(train_argv(data_file, run, "--force", "--steps", "2", "--set", "train.log='none'")) == 0
+    assert training_meta(run)["step"] == 2 and sorted(p.name for p in run.iterdir()) == ["checkpoint"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,165 @@ def test_cli_generate_and_evaluate_with_the_event_engine(tmp_path, capsys) -> No
     save_checkpoint(tmp_path / "ann", ann, TOKENIZER, {})
     assert cli.main(["generate", str(tmp_path / "ann"), "--engine", "events"]) == 2
     assert "nothing for the event engine to exploit" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- robustness
+def test_more_than_64_timesteps_fall_back_with_one_warning(recwarn) -> None:
+    """The kernel packs a token's steps into 64 bits; a model with T = 65 converts and runs on embedding_bag."""
+    dense = make_model("spikedecoder", max_len=16, timesteps=65)
+    events = to_events(dense)
+    said = [w for w in recwarn if "timesteps=65 > 64" in str(w.message)]
+    assert len(said) == (0 if event_kernel() is None else 1)
+    idx = prompt(8, batch=2)
+    torch.testing.assert_close(events(idx), dense(idx), rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate_ids(events, idx, 6, greedy=True), generate_ids(dense, idx, 6, greedy=True))
+
+
+def test_the_embedding_bag_fallback_is_thread_safe(monkeypatch) -> None:
+    """Threads running event models at once, on the fallback path, each get their own single-thread answers."""
+    import sys
+    import threading
+
+    import spikedecoder.events as events_module
+
+    monkeypatch.setattr(events_module, "event_kernel", lambda: None)
+    models = [to_events(make_model("spikedecoder", max_len=16, seed=s)) for s in range(2)]
+    inputs = [prompt(6 + i, batch=1 + i % 3) for i in range(6)]
+    expected = [models[i % 2](x) for i, x in enumerate(inputs)]
+    failures: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(15):
+                if not torch.equal(models[i % 2](inputs[i]), expected[i]):
+                    failures.append(f"thread {i}: other logits")
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(f"thread {i}: {type(error).__name__}: {error}")
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so that a race shows
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert failures == []
+
+
+def test_the_cached_build_is_keyed_by_the_cpu_features(monkeypatch, tmp_path) -> None:
+    """A machine without AVX-512 that shares the cache (a home directory) gets its own build folder, never the
+    AVX-512 build; where -march=native is missing the build is portable (no -march) and keyed `generic`."""
+    import spikedecoder.kernel_build as kb
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with_avx512 = ["#define __AVX2__ 1", "#define __AVX512F__ 1", "#define __AVX__ 1"]
+    without = ["#define __AVX2__ 1", "#define __AVX__ 1"]
+    assert kb.build_directory("k", with_avx512) != kb.build_directory("k", without)
+    assert kb.build_directory("k", without) == kb.build_directory("k", list(without))  # stable
+    seen: dict = {}
+
+    def fake_load(name, sources, extra_cflags, build_directory):
+        seen.update(flags=extra_cflags, folder=build_directory)
+        return "module"
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_load)
+    source = tmp_path / "k.cpp"
+    for features in (without, None):
+        monkeypatch.setattr(kb, "native_features", lambda features=features: features)
+        assert kb.load_kernel("k", source, ["-O3"]) == "module"
+        assert seen["folder"] == str(kb.build_directory("k", features))
+        assert ("-march=native" in seen["flags"]) == (features is not None)
+    assert seen["folder"].endswith("k-generic")
+    written = (kb.build_directory("k", without) / "cpu-features.txt").read_text()
+    assert "#define __AVX2__ 1" in written and "AVX512" not in written
+    # the real key is what -march=native adds on this machine: its build folder says so
+    real = kb.native_features()
+    if real is not None:
+        assert all(line.startswith("#define ") for line in real)
+        assert "#define __SSE2__ 1" not in real  # in the defaults already, so not part of the key
+
+
+def test_a_missing_ninja_falls_back_with_one_warning(monkeypatch, tmp_path) -> None:
+    import shutil
+    import sys
+    import warnings
+
+    import spikedecoder.kernel_build as kb
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "ninja" else real_which(name, *a, **k))
+    monkeypatch.setitem(sys.modules, "ninja", None)  # `import ninja` fails
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kb.load_kernel("k", tmp_path / "k.cpp", ["-O3"]) is None
+    assert [str(w.message) for w in caught] == [
+        "event kernel: ninja, which builds it, is missing; `pip install ninja` (a dependency of spikedecoder); "
+        "using embedding_bag (the same floats, slower)"
+    ]
+    # the ninja package's own copy is used when PATH has none
+    monkeypatch.delitem(sys.modules, "ninja")
+    ninja = pytest.importorskip("ninja")
+    paths: list[str] = []
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: paths.append(os.environ["PATH"]) or "m")
+    before = os.environ["PATH"]
+    assert kb.load_kernel("k", tmp_path / "k.cpp", ["-O3"]) == "m"
+    assert paths[0] == ninja.BIN_DIR + os.pathsep + before and os.environ["PATH"] == before  # for the build only
+
+
+STALE_LOCK_CHILD = """
+import warnings
+warnings.simplefilter("always")
+from spikedecoder.events import event_kernel
+print(event_kernel() is not None)
+"""
+
+
+def test_a_build_lock_left_by_a_killed_build_is_broken(tmp_path) -> None:
+    """torch's build lock is a plain file that a killed build leaves behind; torch then waits for it forever. The
+    next build finds no live builder (our OS lock is free), removes it with a warning and builds."""
+    import subprocess
+    import sys
+
+    from spikedecoder.kernel_build import build_directory, native_features
+
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL") == "0" or event_kernel() is None:
+        pytest.skip("the event kernel is switched off or cannot be built here")
+    folder = build_directory("spikedecoder_events", native_features())
+    (folder / "lock").write_text("")  # what a build killed midway leaves
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-c", STALE_LOCK_CHILD], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    assert "removing the stale build lock" in done.stderr and not (folder / "lock").exists()
+
+
+def test_a_build_held_by_another_process_is_not_waited_for_forever(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+    import warnings
+
+    import spikedecoder.kernel_build as kb
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(kb, "native_features", lambda: None)
+    folder = kb.build_directory("k", None)
+    folder.mkdir(parents=True)
+    hold = "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    hold += "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(folder / "build.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert kb.load_kernel("k", tmp_path / "k.cpp", ["-O3"], wait=0.3) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(caught) == 1 and "another process has been building it" in str(caught[0].message)

@@ -318,6 +318,25 @@ def test_on_token_streams_and_can_stop() -> None:
     assert out.shape[1] == 9 and got == out[0, 4:].tolist()
 
 
+def test_the_output_grows_as_tokens_come_instead_of_being_reserved(monkeypatch) -> None:
+    """A huge max_new_tokens reserves nothing up front (1e12 tokens would be 8 TB), and a long run grows the buffer
+    past its first size keeping every token: the returned ids are the prompt plus what on_token saw."""
+    import spikedecoder.generate as generate_module
+
+    model = make_model(max_len=16)
+    got: list[int] = []
+    out = generate_ids(model, prompt(4), 10**12, seed=1, on_token=lambda t: got.append(t) or len(got) == 3)
+    assert out.shape == (1, 7) and out[0, 4:].tolist() == got
+    monkeypatch.setattr(generate_module, "FIRST_CAPACITY", 5)  # 4 + 5 columns, grown to 18, 36, then 44
+    got.clear()
+    out = generate_ids(model, prompt(4, batch=2), 40, seed=1)
+    assert out.shape == (2, 44) and torch.equal(out[:, :4], prompt(4, batch=2))
+    streamed = generate_ids(model, prompt(4), 40, seed=1, on_token=lambda t: got.append(t) and False)
+    assert streamed[0, 4:].tolist() == got and len(got) == 40
+    monkeypatch.undo()
+    assert torch.equal(generate_ids(model, prompt(4), 40, seed=1), streamed)  # the same tokens as one buffer
+
+
 def test_mode_is_restored_and_rate_coding_reproduces_without_touching_global_rng() -> None:
     model = make_model(token_code="binary", position_code="binary", combine="concat", encoding="rate")
     model.train()
