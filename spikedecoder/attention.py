@@ -86,7 +86,7 @@ class SpikingSelfAttention(nn.Module):
         e = cfg.n_embd
         self.n_head = cfg.n_head
         self.scale = cfg.scale
-        self.in_lif = None if input_spikes else make_lif(cfg, e)
+        self.in_lif = None if input_spikes else make_lif(cfg, e, graded=True)
         key_width = max(cfg.token_conv, 2 if cfg.attn_key_conv else 1)  # the key convolution reads 2 tokens
         self.shift = TokenShift(max(cfg.token_conv, key_width), "attn_shift")
         self.q, self.v = (LinearNorm(cfg.token_conv * e, e, cfg.norm, cfg.bias) for _ in range(2))
@@ -111,10 +111,10 @@ class SpikingSelfAttention(nn.Module):
         self.score_lif = make_lif(cfg) if self.binary_scores else None
         self.score_gain = cfg.tau if cfg.decay_input else 1.0
         self.av_norm = make_norm(cfg.norm, e) if cfg.av_norm else None
-        self.attn_lif = make_lif(cfg, e)
+        self.attn_lif = make_lif(cfg, e, graded=True)
         self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
         self.proj.energy_place = "proj"
-        self.out_lif = make_lif(cfg, e) if output_lif else None
+        self.out_lif = make_lif(cfg, e, graded=True) if output_lif else None
 
     @torch.no_grad()
     def _key_reads_previous_query(self) -> None:

@@ -84,6 +84,11 @@ class SpikeDecoderConfig:
     surrogate: str = "atan"
     surrogate_alpha: float | None = None
     learnable_threshold: str = "none"  # "channel": one per channel (the score map's LIF has none: one per layer)
+    # graded spikes where a Linear reads them (the inputs of the attention and the MLP, the MLP's hidden layer, the
+    # attention output, the head): up to spike_levels spikes per step (thresholds v_th, 2 v_th, ...), and with
+    # bipolar also negative ones; Q, K and V stay binary (their products count coincidences)
+    spike_levels: int = 1
+    bipolar: bool = False
     lif_backend: str = "loop"
     dropout: float = 0.0
     bias: bool = True
@@ -167,6 +172,15 @@ class SpikeDecoderConfig:
         need(self.tau > 1.0, f"tau must be > 1 (the membrane leaks by 1/tau), got {self.tau}")
         need(self.v_threshold > 0, f"v_threshold must be > 0, got {self.v_threshold}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(
+            isinstance(self.spike_levels, int) and not isinstance(self.spike_levels, bool) and self.spike_levels >= 1,
+            f"spike_levels must be an integer >= 1 (1: binary spikes), got {self.spike_levels!r}",
+        )
+        need(
+            self.residual == 0 or (self.spike_levels == 1 and not self.bipolar),
+            f"spike_levels={self.spike_levels}, bipolar={self.bipolar} need residual=0: a spiking residual stream "
+            "(residual 1 or 2) carries binary spikes; set spike_levels=1 and bipolar=false, or residual=0",
+        )
         need(
             self.residual == 0 or (self.attention == "spiking" and self.mlp == "spiking"),
             "spiking residual (degree 1/2) needs attention='spiking' and mlp='spiking'",

@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import SpikingSelfAttention
 from .kernel_build import load_kernel
 from .layers import Linear, LinearNorm
-from .neurons import LIF
+from .neurons import LIF, fire, is_graded
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -125,6 +125,18 @@ def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
     return out.reshape(*spikes.shape[:-1], rows.shape[1])
 
 
+def graded_linear(counts: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
+    """sum_i counts[..., i] * rows[i] + bias for graded spikes: each active input's row taken `count` times (a
+    negative count subtracts it), summed per step and token; no product of two non-binary numbers."""
+    flat = counts.reshape(-1, counts.shape[-1])
+    bag, active = flat.nonzero(as_tuple=True)
+    offsets = torch.searchsorted(bag, _arange(flat.shape[0], bag.device))
+    out = F.embedding_bag(active, rows, offsets, mode="sum", per_sample_weights=flat[bag, active])
+    if bias is not None:
+        out += bias
+    return out.reshape(*counts.shape[:-1], rows.shape[1])
+
+
 def _rows_sum(bags: tuple[Tensor, Tensor], rows: Tensor, bias: Tensor | None) -> Tensor:
     out = F.embedding_bag(bags[0], rows, bags[1], mode="sum")
     if bias is not None:
@@ -134,7 +146,8 @@ def _rows_sum(bags: tuple[Tensor, Tensor], rows: Tensor, bias: Tensor | None) ->
 
 # ---------------------------------------------------------------------------------------------- modules
 class EventLinear(nn.Module):
-    """A Linear computed as a sum of weight rows on spikes, once for a time-invariant input, densely otherwise."""
+    """A Linear computed as a sum of weight rows on spikes (graded spikes: each row taken as many times as its
+    input's count), once for a time-invariant input, densely otherwise."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -146,9 +159,11 @@ class EventLinear(nn.Module):
         if time_invariant(x):
             return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
         spikes = as_spikes(x)
-        if spikes is None:  # not spikes after all: the dense product (x @ rows = x W^T)
-            return F.linear(x, self.rows.t(), self.bias)
-        return spike_linear(spikes, self.rows, self.bias)
+        if spikes is not None:
+            return spike_linear(spikes, self.rows, self.bias)
+        if is_graded(x):
+            return graded_linear(x, self.rows, self.bias)
+        return F.linear(x, self.rows.t(), self.bias)  # not spikes after all: the dense product (x @ rows = x W^T)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight rows (in, out)"
@@ -178,6 +193,8 @@ class EventLIF(nn.Module):
     def __init__(self, lif: LIF):
         super().__init__()
         self.tau, self.decay_input = lif.tau, lif.decay_input
+        self.levels, self.bipolar = lif.levels, lif.bipolar
+        self.graded = lif.levels > 1 or lif.bipolar  # float counts out, and the tensor-op steps (not the kernel)
         self.register_buffer("v_threshold", lif.v_threshold.detach().clone())
         self.register_buffer("tau_t", torch.tensor(lif.tau))  # dividing by a tensor skips wrapping the scalar
         self.emit_bool = False
@@ -188,7 +205,8 @@ class EventLIF(nn.Module):
         x = x.float() if x.dtype == torch.bool else x
         kernel = event_kernel()
         channels_ok = self.v_threshold.numel() in (1, x.shape[-1])
-        if kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32 and channels_ok:
+        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32
+        if kernel is not None and cpu_float and channels_ok and not self.graded:
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             spikes = kernel.lif(flat, self.v_threshold.reshape(-1), self.tau, self.decay_input).view(x.shape)
         else:
@@ -196,8 +214,9 @@ class EventLIF(nn.Module):
         return spikes if self.emit_bool else spikes.to(x.dtype)
 
     def steps(self, x: Tensor) -> Tensor:
-        """The same LIF as tensor ops, step by step (where the kernel is not built): bool spikes."""
-        spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        """The same LIF as tensor ops, step by step (where the kernel is not built): bool spikes, or float counts
+        for graded spikes."""
+        spikes = torch.empty(x.shape, dtype=x.dtype if self.graded else torch.bool, device=x.device)
         v = None  # membrane 0 before the first step
         for xt, st in zip(x.unbind(0), spikes.unbind(0), strict=True):
             if v is None:  # 0 + (x - 0) / tau and 0 - 0 / tau + x, exactly
@@ -206,12 +225,17 @@ class EventLIF(nn.Module):
                 h = torch.sub(xt, v).div_(self.tau_t).add_(v)
             else:  # v - v / tau + x
                 h = torch.sub(v, v / self.tau_t).add_(xt)
+            if self.graded:
+                st.copy_(fire(h, self.v_threshold, self.levels, self.bipolar))
+                v = h.masked_fill_(st != 0, 0.0)
+                continue
             torch.ge(h, self.v_threshold, out=st)  # h - th >= 0 exactly when h >= th
             v = h.masked_fill_(st, 0.0)  # hard reset
         return spikes
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, decay_input={self.decay_input}, emit_bool={self.emit_bool}"
+        graded = f", levels={self.levels}, bipolar={self.bipolar}" if self.graded else ""
+        return f"tau={self.tau}, decay_input={self.decay_input}, emit_bool={self.emit_bool}{graded}"
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -269,7 +293,7 @@ def _probe(model: nn.Module) -> tuple[set[int], set[int]]:
 
     def record(module: nn.Module, inputs: tuple) -> None:
         x = inputs[0]
-        if time_invariant(x) or as_spikes(x) is not None:
+        if time_invariant(x) or as_spikes(x) is not None or is_graded(x):
             seen.add(id(module))
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Linear | LinearNorm)]
@@ -358,7 +382,7 @@ def _choose_bool_spikes(model: nn.Module) -> None:
         for h in hooks:
             h.remove()
     for lif in lifs:
-        lif.emit_bool = id(lif) not in tracer.needs_float
+        lif.emit_bool = id(lif) not in tracer.needs_float and not lif.graded
 
 
 @torch.no_grad()

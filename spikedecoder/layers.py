@@ -69,10 +69,11 @@ class LinearNorm(nn.Module):
         return True
 
 
-def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None) -> LIF:
+def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None, graded: bool = False) -> LIF:
     """A LIF neuron with the model's neuron settings (one per spiking layer). A LIF without a channel axis (the
     score map of degree-2 attention, whose last axis is the key position) learns one threshold per layer where the
-    config asks for one per channel."""
+    config asks for one per channel. `graded`: its spikes only feed a Linear, so it takes the config's spike_levels
+    and bipolar settings (the others stay binary)."""
     threshold = cfg.learnable_threshold
     if threshold == "channel" and channels is None:
         threshold = "layer"
@@ -85,6 +86,8 @@ def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None) -> LIF:
         learnable_threshold=threshold,
         channels=channels,
         backend=cfg.lif_backend,
+        levels=cfg.spike_levels if graded else 1,
+        bipolar=cfg.bipolar and graded,
     )
 
 

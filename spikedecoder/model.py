@@ -62,7 +62,7 @@ class Head(nn.Module):
         self.combine = cfg.head_combine
         spiking = cfg.head == "spiking"
         self.ln = None if spiking else LayerNorm(cfg.n_embd)
-        self.lif = make_lif(cfg, cfg.n_embd) if spiking and cfg.head_lif and not input_spikes else None
+        self.lif = make_lif(cfg, cfg.n_embd, graded=True) if spiking and cfg.head_lif and not input_spikes else None
         self.on_spikes = spiking and (cfg.head_lif or input_spikes)
         width = cfg.n_embd * cfg.timesteps if self.combine == "concat" else cfg.n_embd
         self.out = Linear(width, cfg.vocab_size, bias=cfg.bias)

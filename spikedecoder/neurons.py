@@ -5,6 +5,12 @@ Charge:  h = v + (x - v) / tau            (decay_input=True, SpikingJelly's defa
 Fire:    s = H(h - v_th)                  (surrogate gradient backward)
 Reset:   v = h * (1 - s), s detached      (hard reset to 0, detach_reset=True)
 
+Graded spikes (levels L > 1): s = sum_{k=1..L} H(h - k v_th), the number of thresholds v_th, 2 v_th, ..., L v_th the
+membrane crosses: L binary neurons sharing one membrane (a thermometer code), so a Linear reading s still only
+accumulates (its row added s times). Bipolar neurons also fire negative spikes, - sum_k H(-h - k v_th), where the
+membrane falls below -v_th (the row is subtracted). Either way the reset is to 0 wherever s != 0, and each level's
+step gets its own surrogate derivative.
+
 The state starts at 0 on every call: neurons integrate over T only, never across tokens.
 
 Two backends compute the same spikes: `loop` lets autograd record every step; `fused` is one custom autograd
@@ -37,8 +43,13 @@ class LIF(nn.Module):
         learnable_threshold: str = "none",
         channels: int | None = None,
         backend: str = "loop",
+        levels: int = 1,
+        bipolar: bool = False,
     ):
         super().__init__()
+        if not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be an integer >= 1 (1: binary spikes), got {levels!r}")
+        self.levels, self.bipolar = levels, bipolar
         if tau <= 1.0:
             raise ValueError(f"tau must be > 1, got {tau}")
         if backend not in ("loop", "fused"):
@@ -61,7 +72,14 @@ class LIF(nn.Module):
             raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
         if self.backend == "fused":
             return _FusedLIF.apply(
-                x, self.v_threshold, self.tau, self.decay_input, self.surrogate.kind, self.surrogate.alpha
+                x,
+                self.v_threshold,
+                self.tau,
+                self.decay_input,
+                self.surrogate.kind,
+                self.surrogate.alpha,
+                self.levels,
+                self.bipolar,
             )
         return self._loop(x)
 
@@ -70,13 +88,19 @@ class LIF(nn.Module):
         for xt in x:
             h = v + (xt - v) / self.tau if self.decay_input else v - v / self.tau + xt
             s = self.surrogate(h - th)
-            v = h * (1 - s.detach())
+            for k in range(2, self.levels + 1):
+                s = s + self.surrogate(h - th * k)
+            for k in range(1, self.levels + 1) if self.bipolar else ():
+                s = s - self.surrogate(-h - th * k)
+            v = h * (1 - (s.detach() != 0).to(h.dtype))
             out.append(s)
         return torch.stack(out)
 
     def extra_repr(self) -> str:
         learn = "" if isinstance(self.v_threshold, nn.Parameter) else ", fixed threshold"
-        return f"tau={self.tau}, decay_input={self.decay_input}, backend={self.backend}{learn}"
+        graded = f", levels={self.levels}" if self.levels > 1 else ""
+        graded += ", bipolar" if self.bipolar else ""
+        return f"tau={self.tau}, decay_input={self.decay_input}, backend={self.backend}{learn}{graded}"
 
 
 # ---------------------------------------------------------------------------------------------- fused backend
@@ -84,34 +108,78 @@ def _charge(v: Tensor, x: Tensor, tau: float, decay_input: bool) -> Tensor:
     return v + (x - v) / tau if decay_input else v - v / tau + x
 
 
-def lif_forward(x: Tensor, th: Tensor, tau: float, decay_input: bool) -> tuple[Tensor, Tensor]:
+def fire(h: Tensor, th: Tensor, levels: int = 1, bipolar: bool = False) -> Tensor:
+    """The spikes of membranes h (no gradient): H(h - th), or for graded/bipolar neurons the signed count of the
+    thresholds k th crossed. One comparison per level (and sign), as the energy counter prices it."""
+    s = (h - th >= 0).to(h.dtype)
+    for k in range(2, levels + 1):
+        s = s + (h - th * k >= 0).to(h.dtype)
+    for k in range(1, levels + 1) if bipolar else ():
+        s = s - (-h - th * k >= 0).to(h.dtype)
+    return s
+
+
+MAX_LEVEL = 255  # the largest count a tensor may hold to be read as graded spikes
+
+
+def is_graded(x: Tensor) -> bool:
+    """Whether x holds graded spikes: signed integer counts of at most MAX_LEVEL, not all 0/1 (decided from the
+    data, as the energy counter and the event engine decide binary spikes)."""
+    if x.dtype == torch.bool or not x.is_floating_point() or x.numel() == 0:
+        return False
+    return bool((x == x.round()).all()) and float(x.abs().max()) <= MAX_LEVEL and not bool(((x == 0) | (x == 1)).all())
+
+
+def lif_forward(
+    x: Tensor, th: Tensor, tau: float, decay_input: bool, levels: int = 1, bipolar: bool = False
+) -> tuple[Tensor, Tensor]:
     """Spikes and pre-reset membranes (T, ...) for the whole sequence of steps."""
     v, spikes, membranes = torch.zeros_like(x[0]), [], []
     for t in range(x.shape[0]):
         h = _charge(v, x[t], tau, decay_input)
-        s = (h - th >= 0).to(x.dtype)
-        v = h * (1 - s)
+        s = fire(h, th, levels, bipolar)
+        v = h * (1 - (s != 0).to(x.dtype))
         spikes.append(s)
         membranes.append(h)
     return torch.stack(spikes), torch.stack(membranes)
 
 
 def lif_backward(
-    grad_s: Tensor, h: Tensor, th: Tensor, tau: float, decay_input: bool, kind: str, alpha: float, want_th: bool
+    grad_s: Tensor,
+    h: Tensor,
+    th: Tensor,
+    tau: float,
+    decay_input: bool,
+    kind: str,
+    alpha: float,
+    want_th: bool,
+    levels: int = 1,
+    bipolar: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients w.r.t. the input current and (unreduced, only if want_th) the threshold, by hand-written BPTT.
-    A fixed threshold needs no gradient, and skipping it saves writing a tensor the size of the input."""
+    A fixed threshold needs no gradient, and skipping it saves writing a tensor the size of the input. Level k's
+    step H(h - k th) contributes g'(h - k th) to ds/dh and -k g'(h - k th) to ds/dth; a negative level's step
+    -H(-h - k th) contributes g'(-h - k th) and +k g'(-h - k th)."""
     gain = 1.0 / tau if decay_input else 1.0
     grad_v = torch.zeros_like(h[0])
     grad_x, grad_th = [], []
+    surrogate = GRADS[kind]
     for t in range(h.shape[0] - 1, -1, -1):
         u = h[t] - th
-        through_spike = grad_s[t] * GRADS[kind](u, alpha)
-        s = (u >= 0).to(h.dtype)
-        grad_h = through_spike + grad_v * (1 - s)
+        slope = surrogate(u, alpha)
+        slope_th = -slope
+        for k in range(2, levels + 1):
+            g = surrogate(h[t] - th * k, alpha)
+            slope, slope_th = slope + g, slope_th - k * g
+        for k in range(1, levels + 1) if bipolar else ():
+            g = surrogate(-h[t] - th * k, alpha)
+            slope, slope_th = slope + g, slope_th + k * g
+        through_spike = grad_s[t] * slope
+        fired = fire(h[t], th, levels, bipolar) != 0
+        grad_h = through_spike + grad_v * (1 - fired.to(h.dtype))
         grad_x.append(grad_h * gain)
         if want_th:
-            grad_th.append(-through_spike)
+            grad_th.append(grad_s[t] * slope_th)
         grad_v = grad_h * (1 - 1 / tau)
     return torch.stack(grad_x[::-1]), torch.stack(grad_th[::-1]) if want_th else None
 
@@ -167,17 +235,18 @@ def _run(name: str, *args):
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, th, tau, decay_input, kind, alpha):  # type: ignore[override]
-        spikes, h = _run("forward", x, th.detach(), tau, decay_input)
+    def forward(ctx, x, th, tau, decay_input, kind, alpha, levels, bipolar):  # type: ignore[override]
+        spikes, h = _run("forward", x, th.detach(), tau, decay_input, levels, bipolar)
         ctx.save_for_backward(h, th)
         ctx.args = (tau, decay_input, kind, alpha)
+        ctx.graded = (levels, bipolar)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_s):  # type: ignore[override]
         h, th = ctx.saved_tensors
         want_th = ctx.needs_input_grad[1]
-        grad_x, grad_th = _run("backward", grad_s.contiguous(), h, th.detach(), *ctx.args, want_th)
+        grad_x, grad_th = _run("backward", grad_s.contiguous(), h, th.detach(), *ctx.args, want_th, *ctx.graded)
         if want_th:
             grad_th = grad_th.sum(tuple(range(grad_th.dim() - th.dim()))).reshape(th.shape)
-        return grad_x, grad_th, None, None, None, None
+        return grad_x, grad_th, None, None, None, None, None, None

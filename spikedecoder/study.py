@@ -162,11 +162,13 @@ def _check_same(run_dir: Path, old: dict, variant: Variant) -> None:
     """A run trained with other settings than the variant's is an error (never silently mixed in or continued)."""
     new = variant.fingerprint()
     old = {"model": dict(old.get("model", {})), "train": dict(old.get("train", {}))}
-    # a training option added to TrainConfig after the run was trained: the run used its default behaviour
+    # an option added after the run was trained, at its default here: the run used that default behaviour
+    for section, cls in (("model", SpikeDecoderConfig), ("train", TrainConfig)):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key in set(new.get(section, {})) - set(old[section]):
+            if new[section][key] == defaults.get(key, dataclasses.MISSING):
+                del new[section][key]
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key in set(new.get("train", {})) - set(old["train"]):
-        if new["train"][key] == defaults.get(key, dataclasses.MISSING):
-            del new["train"][key]
     for key in set(old["train"]) - set(defaults) | UNTRACKED_TRAIN:  # an option TrainConfig no longer has
         old["train"].pop(key, None)
     changed = _changed(old, new)

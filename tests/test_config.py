@@ -15,7 +15,13 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, max_len=8, vocab_size=11)
 @pytest.mark.parametrize(
     ("preset", "overrides", "message"),
     [
-        ("ann", dict(attn_window=2), r"attn_window=2 only applies to spiking attention.*remove attn_window"),
+        ("ann", dict(av_norm=True), r"av_norm=True only applies to spiking attention.*remove av_norm"),
+        ("ann", dict(attn_key_conv=True), r"attn_key_conv=True only applies to spiking attention"),
+        ("spikedecoder", dict(spike_levels=2, residual=1), r"spike_levels=2, bipolar=False need residual=0"),
+        ("spikedecoder", dict(bipolar=True, residual=2), r"bipolar=True need residual=0"),
+        ("spikedecoder", dict(spike_levels=0), r"spike_levels must be an integer >= 1"),
+        ("spikedecoder", dict(token_conv=0), r"token_conv must be a positive integer"),
+        ("ann", dict(mlp_conv=1.5), r"mlp_conv must be a positive integer"),
         ("spiking-attention", dict(attention="softmax", av_norm=True), r"av_norm=True only applies to spiking"),
         ("ann", dict(first_attn_lif=True), r"first_attn_lif=True .*attention='softmax' ignores it"),
         ("spikedecoder", dict(code_dim=8), r"code_dim=8 is ignored: combine='sum'.*use combine='concat'"),
@@ -41,6 +47,7 @@ def test_ignored_or_no_op_settings_are_refused(preset: str, overrides: dict, mes
     "overrides",
     [
         dict(attn_window=2, av_norm=True, first_attn_lif=True),  # spiking attention uses all three
+        dict(token_conv=4, mlp_conv=2, spike_levels=4, bipolar=True, timesteps=1),
         dict(combine="concat", code_dim=6),  # learned codes of width 6
         dict(combine="concat", token_code="onehot", position_code="sinusoidal", code_dim=16),
         dict(encoding="rate", token_code="float"),  # sigmoid of a float current: a real Bernoulli draw

@@ -285,6 +285,21 @@ def test_token_shift_linear_is_charged_for_the_spikes_of_every_token_it_reads():
     assert count_ops(model, step.expand(4, 1, 3, 4).contiguous()).counts["1.linear"]["ac"] == 4 * 11 * 5
 
 
+def test_graded_spikes_cost_one_accumulate_per_count_and_one_comparison_per_threshold():
+    """Linear(3, 2) on graded spikes (counts 2, -1, 3: six row additions or subtractions per output) and a
+    bipolar 3-level LIF: 3 + 3 comparisons per update besides its add and shift; the firing count is sum |s|."""
+    fc = nn.Linear(3, 2)
+    model = InBlock("mlp", nn.Sequential(fc, LIF(levels=3, bipolar=True, v_threshold=0.5)))
+    x = torch.tensor([[[2.0, -1.0, 3.0]]])  # T = 1, one token
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0, 0.0, 0.5], [0.0, -2.0, 0.0]]))  # currents 3.5 and 2: h = 1.75 and 1
+        fc.bias.zero_()
+    ops = count_ops(model, x)
+    assert ops.total("ac") == (2 + 1 + 3) * 2 and ops.total("ac_fanout") == (2 + 1 + 3) * 2
+    assert ops.total("cmp") == 2 * (3 + 3) and ops.total("shift") == 2
+    assert ops.firing == {"blocks.0.mlp.1": (3 + 2, 2)}  # h = 1.75 crosses 0.5, 1.0, 1.5; h = 1 crosses 0.5, 1.0
+
+
 def test_firing_rates_equal_the_spikes_the_layers_emit():
     model = tiny()
     seen: dict[str, list[float]] = {}
@@ -333,6 +348,8 @@ VARIANTS = [
     ("spiking-attention", {"encoding": "rate"}),
     ("spikedecoder", {"token_conv": 4, "mlp_conv": 2, "attn_key_conv": True}),
     ("ann", {"attn_window": [2, 0], "token_conv": 3, "mlp_conv": 2}),
+    ("spikedecoder", {"spike_levels": 3, "timesteps": 1, "token_conv": 2}),
+    ("spiking-attention-mlp", {"spike_levels": 2, "bipolar": True}),
 ]
 
 

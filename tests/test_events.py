@@ -53,6 +53,9 @@ MODES = {
     "token-conv-residual2-batchnorm": ("spikedecoder", dict(token_conv=3, mlp_conv=3, residual=2, norm="batch")),
     "token-conv-residual1-key-conv": ("spikedecoder", dict(token_conv=2, residual=1, attn_key_conv=True)),
     "token-conv-spiking-attention": ("spiking-attention", dict(token_conv=4, mlp_conv=2)),
+    "graded-T1-token-conv": ("spikedecoder", dict(spike_levels=4, timesteps=1, token_conv=3, mlp_conv=2)),
+    "graded-bipolar-batchnorm": ("spikedecoder", dict(spike_levels=2, bipolar=True, norm="batch")),
+    "graded-spiking-attention-mlp": ("spiking-attention-mlp", dict(spike_levels=3, bipolar=True)),
     "key-conv-dual-path": (
         "spikedecoder",
         dict(attn_window=[2, 0], attn_norm="coincidence", attn_key_conv=True, av_norm=True, combine="concat"),
@@ -76,7 +79,15 @@ def test_same_spikes_and_logits_as_the_dense_path(mode: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "mode", ["residual0-layer", "residual2", "window-per-head", "spiking-attention", "token-conv-residual2-batchnorm"]
+    "mode",
+    [
+        "residual0-layer",
+        "residual2",
+        "window-per-head",
+        "spiking-attention",
+        "token-conv-residual2-batchnorm",
+        "graded-T1-token-conv",
+    ],
 )
 def test_cached_greedy_generation_gives_the_dense_tokens(mode: str) -> None:
     preset, overrides = MODES[mode]

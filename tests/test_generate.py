@@ -129,6 +129,17 @@ def test_token_convolutions_decode_exactly(preset: str, residual: int, norm: str
     assert cache.layers[1]["attn_shift"].shape[-2] == 3 and cache.layers[1]["mlp_shift"].shape[-2] == 2
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch", "power", "none"])
+@pytest.mark.parametrize("levels, bipolar, timesteps", [(4, False, 1), (2, True, 2)])
+def test_graded_spikes_decode_exactly(norm: str, levels: int, bipolar: bool, timesteps: int) -> None:
+    """Graded (and bipolar) spikes where Linears read them, with the token convolutions: cached steps are bitwise
+    the full forward (the counts are small integers, exact in float32)."""
+    model = make_model(
+        max_len=112, norm=norm, timesteps=timesteps, spike_levels=levels, bipolar=bipolar, token_conv=2, mlp_conv=2
+    )
+    check_incremental(model)
+
+
 def check_incremental(model: SpikeDecoder) -> None:
     idx = prompt(8, batch=2)
     incremental = record_logits(model)

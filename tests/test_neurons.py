@@ -170,12 +170,19 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def compare_backends(decay_input: bool, threshold: str, surrogate: str = "atan", compiled: bool = True) -> None:
+def compare_backends(
+    decay_input: bool,
+    threshold: str,
+    surrogate: str = "atan",
+    compiled: bool = True,
+    levels: int = 1,
+    bipolar: bool = False,
+) -> None:
     """Same spikes, input and threshold gradients within 1e-6 relative (one shape for all, to compile once)."""
     channels = 16
     kwargs = dict(
         decay_input=decay_input, learnable_threshold=threshold, channels=channels, v_threshold=0.9, surrogate=surrogate
-    )
+    ) | (dict(levels=levels, bipolar=bipolar) if levels > 1 or bipolar else {})
     loop, fused = LIF(**kwargs), LIF(**kwargs, backend="fused")
     if threshold != "none":
         with torch.no_grad():
@@ -191,13 +198,17 @@ def compare_backends(decay_input: bool, threshold: str, surrogate: str = "atan",
     s_loop = loop(x_loop)
     (s_loop * upstream).sum().backward()
     assert torch.equal(s_fused, s_loop)
-    assert 0.05 < s_loop.mean() < 0.7
+    assert 0.05 < s_loop.abs().mean() < 0.7 * levels
+    if levels > 1 or bipolar:  # every level (and sign) fires somewhere, or the test is of fewer levels
+        assert set(s_loop.unique().tolist()) == set(range(-levels if bipolar else 0, levels + 1))
     assert _relative_error(x_fused.grad, x_loop.grad) <= 1e-6
     if threshold == "none":
         assert fused.v_threshold.grad is None
     else:
         assert fused.v_threshold.grad.shape == loop.v_threshold.grad.shape
-        assert _relative_error(fused.v_threshold.grad, loop.v_threshold.grad) <= 1e-6
+        # a bipolar layer threshold's gradient sums terms of both signs over every neuron: rounding order shows
+        tol = 1e-5 if bipolar and threshold == "layer" else 1e-6
+        assert _relative_error(fused.v_threshold.grad, loop.v_threshold.grad) <= tol
 
 
 FUSED_CASES = [(d, th) for d in (True, False) for th in ("none", "layer", "channel")]
@@ -210,6 +221,43 @@ def test_fused_equations_equal_the_loop(monkeypatch, decay_input: bool, threshol
     """The fused backend's forward and hand-written BPTT, run eagerly (no compile), for every case."""
     monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
     compare_backends(decay_input, threshold, surrogate, compiled=False)
+
+
+@pytest.mark.parametrize(("levels", "bipolar"), [(3, False), (1, True), (2, True)])
+@pytest.mark.parametrize(("decay_input", "threshold"), [(True, "channel"), (False, "layer"), (True, "none")])
+def test_fused_graded_spikes_equal_the_loop(monkeypatch, decay_input, threshold, levels, bipolar) -> None:
+    """Graded and bipolar neurons: the fused forward and its hand-written BPTT (each level's surrogate, the
+    threshold's k-fold slope) equal the autograd loop."""
+    monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
+    compare_backends(decay_input, threshold, compiled=False, levels=levels, bipolar=bipolar)
+
+
+def test_graded_and_bipolar_spikes_against_a_hand_trace() -> None:
+    """levels=3, bipolar, tau=2, v_th=0.5: s = (thresholds 0.5, 1.0, 1.5 crossed) - (-0.5, -1.0, -1.5 crossed),
+    reset to 0 wherever s != 0; ds/dh sums every level's surrogate slope, ds/dth = -sum_k k g(h - k th) + ..."""
+    lif = LIF(v_threshold=0.5, levels=3, bipolar=True, learnable_threshold="layer")
+    x = torch.tensor([2.5, 0.5, -2.8, 0.4, 9.0], requires_grad=True)
+    s = lif(x[:, None])[:, 0]
+    # h: 1.25 (2 levels, reset), 0.25 (none), 0.25 - 3.05 / 2 = -1.275 (-2, reset), 0.2 (none), 0.2 + 8.8 / 2 = 4.6
+    # (3: capped at levels)
+    h = [1.25, 0.25, -1.275, 0.2, 4.6]
+    assert s.tolist() == [2.0, 0.0, -2.0, 0.0, 3.0]
+    s.sum().backward()
+
+    def slope(v: float) -> float:
+        return sum(atan_grad(v - 0.5 * k) + atan_grad(-v - 0.5 * k) for k in (1, 2, 3))
+
+    def slope_th(v: float) -> float:
+        return sum(-k * atan_grad(v - 0.5 * k) + k * atan_grad(-v - 0.5 * k) for k in (1, 2, 3))
+
+    g = [slope(v) for v in h]
+    dh4 = g[4]
+    dh3 = g[3] + dh4 * 0.5
+    dh2 = g[2]  # fired: the reset cuts the path from later steps
+    dh1 = g[1] + dh2 * 0.5
+    dh0 = g[0]
+    torch.testing.assert_close(x.grad, torch.tensor([dh0, dh1, dh2, dh3, dh4]) / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lif.v_threshold.grad, torch.tensor(sum(slope_th(v) for v in h)), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ How operations are counted (`count_ops`):
   a causal kernel never computes it. The SNN and the ANN get the same rule.
 - Ops on parameters and buffers only, or on nothing (arange, ones), are constants that can be precomputed: free.
   So are ops on integer token ids only (bookkeeping) and data movement (views, copies, concatenation).
+- Graded spikes (small signed integer counts, `LIF(levels=L)` / bipolar) drive a Linear as |count| accumulates of
+  the active input's row: sum(|x|) * out_features AC, the same as that many binary spikes (a thermometer code's
+  planes); the neuron pays one comparison per threshold (L, or 2L when bipolar).
 - A LIF neuron is priced as the arithmetic its update needs (`_lif_update`), plus one threshold comparison; the hard
   reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with decay_input, h = v + (x - v) / 2 =
   (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k), without
@@ -43,7 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..energy_places import open_scopes, resolve
 from ..layers import LinearNorm, batch_invariant
-from ..neurons import LIF
+from ..neurons import LIF, is_graded
 from .counts import OpCounts, _nnz, _ptr, is_binary
 
 # ---------------------------------------------------------------------------------------------- the counter
@@ -115,13 +118,13 @@ class _OpCounter(TorchDispatchMode):
         if isinstance(module, LIF) and not self._in_lif(outer=True):
             self.paused = True
             try:
-                updates, spikes = args[0].numel(), int(output.detach().sum(dtype=torch.float64))
+                updates, spikes = args[0].numel(), int(output.detach().abs().sum(dtype=torch.float64))
             finally:
                 self.paused = False
             place = self._place()
             for kind, n in _lif_update(module.tau, module.decay_input).items():
                 self._add(place, kind, n * updates)
-            self._add(place, "cmp", updates)
+            self._add(place, "cmp", updates * module.levels * (2 if module.bipolar else 1))  # one per threshold
             name = self.stack[-1][0]
             old = self.firing.get(name, (0, 0))
             self.firing[name] = (old[0] + spikes, old[1] + updates)
@@ -258,7 +261,9 @@ class _OpCounter(TorchDispatchMode):
             act, fan_out = (y, x.shape[-2]) if x_weight else (x, y.shape[-1])
             place = self._place()
             spikes = is_binary(act)
-            nnz = _nnz(act)
+            graded = not spikes and is_graded(act)  # counts: each active row added |count| times
+            nnz = int(act.abs().sum(dtype=torch.float64)) if graded else _nnz(act)
+            spikes = spikes or graded
             n = nnz * fan_out
             computed = fanout = n
             self._add(place, "mem", self._rows_read(act) * fan_out)  # weight rows read, once per token
