@@ -86,7 +86,7 @@ class SpikingSelfAttention(nn.Module):
         e = cfg.n_embd
         self.n_head = cfg.n_head
         self.scale = cfg.scale
-        self.in_lif = None if input_spikes else make_lif(cfg, e, graded=True)
+        self.in_lif = None if input_spikes else make_lif(cfg, e, "attn_in")
         key_width = max(cfg.token_conv, 2 if cfg.attn_key_conv else 1)  # the key convolution reads 2 tokens
         self.shift = TokenShift(max(cfg.token_conv, key_width), "attn_shift")
         self.q, self.v = (LinearNorm(cfg.token_conv * e, e, cfg.norm, cfg.bias) for _ in range(2))
@@ -94,7 +94,7 @@ class SpikingSelfAttention(nn.Module):
         self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
         if cfg.attn_key_init == "previous":
             self._key_reads_previous_query()
-        self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e) for _ in range(3))
+        self.q_lif, self.k_lif, self.v_lif = (make_lif(cfg, e, "qkv") for _ in range(3))
         self.binary_scores = cfg.residual == 2
         windows = cfg.head_windows
         self.windows = tuple(windows)
@@ -108,13 +108,13 @@ class SpikingSelfAttention(nn.Module):
         self.sparse_state = False  # the event engine (events.py) sets it: decoding touches only active state rows
         self.power = cfg.attn_power
         self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
-        self.score_lif = make_lif(cfg) if self.binary_scores else None
+        self.score_lif = make_lif(cfg, None, "scores") if self.binary_scores else None
         self.score_gain = cfg.tau if cfg.decay_input else 1.0
         self.av_norm = make_norm(cfg.norm, e) if cfg.av_norm else None
-        self.attn_lif = make_lif(cfg, e, graded=True)
+        self.attn_lif = make_lif(cfg, e, "attn_out")
         self.proj = LinearNorm(e, e, cfg.norm, cfg.bias)
         self.proj.energy_place = "proj"
-        self.out_lif = make_lif(cfg, e, graded=True) if output_lif else None
+        self.out_lif = make_lif(cfg, e, "first_attn_out") if output_lif else None
 
     @torch.no_grad()
     def _key_reads_previous_query(self) -> None:

@@ -26,6 +26,7 @@ SURROGATES = ("atan", "sigmoid")
 THRESHOLDS = ("none", "layer", "channel")
 LIF_BACKENDS = ("loop", "fused")
 ATTN_NORMS = ("none", "coincidence")
+FLOAT_STAGES = ("embedding", "attn_in", "qkv", "attn_out", "mlp_in", "mlp_hidden", "head")
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,9 @@ class SpikeDecoderConfig:
     # bipolar also negative ones; Q, K and V stay binary (their products count coincidences)
     spike_levels: int = 1
     bipolar: bool = False
+    # a diagnostic: stages computed in float (relu) instead of spikes, to find where spiking loses information;
+    # any of FLOAT_STAGES ("embedding": the learned code is not binarised)
+    float_stages: list[str] = dataclasses.field(default_factory=list)
     lif_backend: str = "loop"
     dropout: float = 0.0
     bias: bool = True
@@ -176,6 +180,11 @@ class SpikeDecoderConfig:
             isinstance(self.spike_levels, int) and not isinstance(self.spike_levels, bool) and self.spike_levels >= 1,
             f"spike_levels must be an integer >= 1 (1: binary spikes), got {self.spike_levels!r}",
         )
+        need(
+            isinstance(self.float_stages, (list, tuple)) and set(self.float_stages) <= set(FLOAT_STAGES),
+            f"float_stages must be a list of {', '.join(FLOAT_STAGES)}, got {self.float_stages!r}",
+        )
+        self.float_stages = list(self.float_stages)
         need(
             self.residual == 0 or (self.spike_levels == 1 and not self.bipolar),
             f"spike_levels={self.spike_levels}, bipolar={self.bipolar} need residual=0: a spiking residual stream "

@@ -116,8 +116,9 @@ class SpikeEmbedding(nn.Module):
         else:  # trained codes share the width; a sinusoid left at None gets its smallest unique width
             tok_w = cfg.code_dim or cfg.n_embd // 2
             pos_w = cfg.code_dim if cfg.position_code == "sinusoidal" else tok_w
-        self.token = _Code(cfg.token_code, cfg.vocab_size, tok_w, "token", spiking, cfg.surrogate)
-        self.position = _Code(cfg.position_code, cfg.max_len, pos_w, "position", spiking, cfg.surrogate)
+        binarise = spiking and "embedding" not in cfg.float_stages  # float_stages: the learned code stays float
+        self.token = _Code(cfg.token_code, cfg.vocab_size, tok_w, "token", binarise, cfg.surrogate)
+        self.position = _Code(cfg.position_code, cfg.max_len, pos_w, "position", binarise, cfg.surrogate)
         width = self.token.width if cfg.combine == "sum" else self.token.width + self.position.width
         self.code_width = width
         self.in_proj = None

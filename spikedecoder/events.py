@@ -126,15 +126,15 @@ def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def graded_linear(counts: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
-    """sum_i counts[..., i] * rows[i] + bias for graded spikes: each active input's row taken `count` times (a
-    negative count subtracts it), summed per step and token; no product of two non-binary numbers."""
-    flat = counts.reshape(-1, counts.shape[-1])
-    bag, active = flat.nonzero(as_tuple=True)
-    offsets = torch.searchsorted(bag, _arange(flat.shape[0], bag.device))
-    out = F.embedding_bag(active, rows, offsets, mode="sum", per_sample_weights=flat[bag, active])
-    if bias is not None:
-        out += bias
-    return out.reshape(*counts.shape[:-1], rows.shape[1])
+    """sum_i counts[..., i] * rows[i] + bias for graded spikes, without a multiply: the counts as their binary planes
+    (plane k holds the inputs whose count reaches k, a thermometer code; negative counts their own planes), each
+    plane's rows summed like spikes at an extra step, the planes then added (negative ones subtracted): each active
+    row is taken |count| times, as the energy counter charges it."""
+    top = int(counts.abs().max())
+    planes = torch.stack([counts >= k for k in range(1, top + 1)] + [counts <= -k for k in range(1, top + 1)])
+    sums = spike_linear(planes.flatten(0, 1), rows, None).unflatten(0, (2, top, counts.shape[0]))
+    out = sums[0].sum(0) - sums[1].sum(0)
+    return out + bias if bias is not None else out
 
 
 def _rows_sum(bags: tuple[Tensor, Tensor], rows: Tensor, bias: Tensor | None) -> Tensor:

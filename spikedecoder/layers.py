@@ -69,11 +69,38 @@ class LinearNorm(nn.Module):
         return True
 
 
-def make_lif(cfg: SpikeDecoderConfig, channels: int | None = None, graded: bool = False) -> LIF:
-    """A LIF neuron with the model's neuron settings (one per spiking layer). A LIF without a channel axis (the
+# Where each LIF sits; True where its spikes only feed a Linear, so it takes the config's graded spike settings
+# (Q, K and V stay binary: their products count coincidences; the score map and a spiking residual stream too).
+STAGES = {
+    "attn_in": True,
+    "qkv": False,
+    "scores": False,
+    "attn_out": True,
+    "first_attn_out": True,
+    "mlp_in": True,
+    "mlp_hidden": True,
+    "head": True,
+    "residual": False,
+}
+
+
+class FloatStage(nn.Module):
+    """A stage computed in float instead of spikes (`float_stages`, a diagnostic): relu of the current, one-sided
+    like spikes but neither quantised nor bounded, so training it shows what spiking that stage costs."""
+
+    energy_place = "lif"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x)
+
+
+def make_lif(cfg: SpikeDecoderConfig, channels: int | None, stage: str) -> LIF | FloatStage:
+    """The neuron of one spiking stage (STAGES) with the model's neuron settings. A LIF without a channel axis (the
     score map of degree-2 attention, whose last axis is the key position) learns one threshold per layer where the
-    config asks for one per channel. `graded`: its spikes only feed a Linear, so it takes the config's spike_levels
-    and bipolar settings (the others stay binary)."""
+    config asks for one per channel."""
+    if stage in cfg.float_stages:
+        return FloatStage()
+    graded = STAGES[stage]
     threshold = cfg.learnable_threshold
     if threshold == "channel" and channels is None:
         threshold = "layer"

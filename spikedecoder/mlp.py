@@ -19,10 +19,10 @@ class SpikingMLP(nn.Module):
     def __init__(self, cfg: SpikeDecoderConfig, input_spikes: bool):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.n_embd
-        self.in_lif = None if input_spikes else make_lif(cfg, cfg.n_embd, graded=True)
+        self.in_lif = None if input_spikes else make_lif(cfg, cfg.n_embd, "mlp_in")
         self.shift = TokenShift(cfg.mlp_conv, "mlp_shift")
         self.fc1 = LinearNorm(cfg.mlp_conv * cfg.n_embd, hidden, cfg.norm, cfg.bias)
-        self.hidden_lif = make_lif(cfg, hidden, graded=True)
+        self.hidden_lif = make_lif(cfg, hidden, "mlp_hidden")
         self.fc2 = LinearNorm(hidden, cfg.n_embd, cfg.norm, cfg.bias)
         self.fc1.energy_place, self.fc2.energy_place = "fc1", "fc2"
 

@@ -34,9 +34,9 @@ class Block(nn.Module):
             self.attn = SpikingSelfAttention(cfg, input_spikes, output_lif=cfg.first_attn_lif and index == 0)
         else:
             self.attn = SoftmaxAttention(cfg)
-        self.attn_sum_lif = make_lif(cfg, cfg.n_embd) if spike_stream else None
+        self.attn_sum_lif = make_lif(cfg, cfg.n_embd, "residual") if spike_stream else None
         self.mlp = SpikingMLP(cfg, input_spikes=spike_stream) if cfg.mlp == "spiking" else GeluMLP(cfg)
-        self.mlp_sum_lif = make_lif(cfg, cfg.n_embd) if spike_stream else None
+        self.mlp_sum_lif = make_lif(cfg, cfg.n_embd, "residual") if spike_stream else None
         for lif in (self.attn_sum_lif, self.mlp_sum_lif):
             if lif is not None:
                 lif.energy_place = "residual"
@@ -62,7 +62,7 @@ class Head(nn.Module):
         self.combine = cfg.head_combine
         spiking = cfg.head == "spiking"
         self.ln = None if spiking else LayerNorm(cfg.n_embd)
-        self.lif = make_lif(cfg, cfg.n_embd, graded=True) if spiking and cfg.head_lif and not input_spikes else None
+        self.lif = make_lif(cfg, cfg.n_embd, "head") if spiking and cfg.head_lif and not input_spikes else None
         self.on_spikes = spiking and (cfg.head_lif or input_spikes)
         width = cfg.n_embd * cfg.timesteps if self.combine == "concat" else cfg.n_embd
         self.out = Linear(width, cfg.vocab_size, bias=cfg.bias)

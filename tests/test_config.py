@@ -21,6 +21,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, max_len=8, vocab_size=11)
         ("spikedecoder", dict(bipolar=True, residual=2), r"bipolar=True need residual=0"),
         ("spikedecoder", dict(spike_levels=0), r"spike_levels must be an integer >= 1"),
         ("spikedecoder", dict(token_conv=0), r"token_conv must be a positive integer"),
+        ("spikedecoder", dict(float_stages=["mlp"]), r"float_stages must be a list of embedding, attn_in, qkv"),
         ("ann", dict(mlp_conv=1.5), r"mlp_conv must be a positive integer"),
         ("spiking-attention", dict(attention="softmax", av_norm=True), r"av_norm=True only applies to spiking"),
         ("ann", dict(first_attn_lif=True), r"first_attn_lif=True .*attention='softmax' ignores it"),

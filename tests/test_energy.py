@@ -66,8 +66,11 @@ def test_linear_on_a_known_spike_pattern_costs_nnz_times_fan_out():
     assert ops == {"ac": 9, "ac_fanout": 9, "add": 6, "mem": 9}  # 2 rows x 3 bias adds
 
     # the same layer on non-binary values: detected from the data, so MACs (zeros still skipped)
-    ops = count_ops(lin, spikes * 2).place("model")
+    ops = count_ops(lin, spikes * 1.5).place("model")
     assert ops == {"mac": 9, "add": 6, "mem": 9}
+    # on graded spikes (small integer counts) each active row is added |count| times: 2 x 3 spikes x 3 outputs
+    ops = count_ops(lin, spikes * 2).place("model")
+    assert ops == {"ac": 18, "ac_fanout": 18, "add": 6, "mem": 9}
     dense = torch.tensor([[0.5, -1.0, 2.0, 0.1], [1.5, 0.3, -0.2, 0.7]])
     assert count_ops(lin, dense).place("model")["mac"] == 2 * 4 * 3
 

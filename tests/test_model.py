@@ -428,3 +428,29 @@ def test_cache_positions_count_towards_max_len() -> None:
         model(tokens(batch=1, length=L - 2), cache)
         with pytest.raises(ValueError, match=f"{L + 1} positions exceed max_len={L}"):
             model(tokens(batch=1, length=3), cache)
+
+
+@pytest.mark.parametrize(
+    "stages", [["embedding"], ["qkv"], ["attn_in", "attn_out"], ["mlp_in", "mlp_hidden"], ["head"]]
+)
+def test_float_stages_replace_exactly_those_spikes_by_floats(stages) -> None:
+    """The diagnostic: each named stage emits non-integer floats (relu of its current), every other one spikes."""
+    from spikedecoder.layers import FloatStage
+
+    cfg = SpikeDecoderConfig.from_preset(
+        "spikedecoder", vocab_size=20, max_len=16, n_layer=2, n_embd=32, timesteps=2, float_stages=stages
+    )
+    model = SpikeDecoder(cfg).eval()
+    outputs: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LIF | FloatStage) or name == "embed":
+            m.register_forward_hook(lambda m, i, out, name=name: outputs.__setitem__(name, out))
+    with torch.no_grad():
+        model(torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(0)))
+    stage_of = {"embed": "embedding", "in_lif": "attn_in", "q_lif": "qkv", "k_lif": "qkv", "v_lif": "qkv"}
+    stage_of |= {"attn_lif": "attn_out", "hidden_lif": "mlp_hidden", "head.lif": "head"}
+    for name, out in outputs.items():
+        leaf = "head.lif" if name == "head.lif" else name.split(".")[-1]
+        stage = "mlp_in" if name.endswith("mlp.in_lif") else stage_of[leaf]
+        integral = bool((out == out.round()).all())
+        assert integral != (stage in stages), (name, stage)
