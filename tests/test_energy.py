@@ -303,6 +303,24 @@ def test_graded_spikes_cost_one_accumulate_per_count_and_one_comparison_per_thre
     assert ops.firing == {"blocks.0.mlp.1": (3 + 2, 2)}  # h = 1.75 crosses 0.5, 1.0, 1.5; h = 1 crosses 0.5, 1.0
 
 
+def test_every_step_figure_charges_time_invariant_work_at_each_timestep():
+    """The report's every-step totals charge block 0's Q/K/V (whose embedding input repeats over T = 4) four times:
+    they exceed the once-figures by exactly three more steps of that work; at T = 1 the two agree."""
+    model = tiny("spikedecoder", timesteps=4)
+    r = energy_report(model, ids())
+    once = count_ops(model, ids()).place("block0.attention.qkv")
+    every = count_ops(model, ids(), invariant_once=False).place("block0.attention.qkv")
+    assert every["ac"] == 4 * once["ac"] and every["add"] == 4 * once["add"]
+    tokens = r["tokens"]
+    assert r["synaptic_pj_per_token_every_step"] == pytest.approx(
+        r["synaptic_pj_per_token"] + 3 * once["ac"] * 0.9 / tokens, rel=1e-12
+    )
+    extra = 3 * (once["ac"] + once["add"]) * 0.9 / tokens  # and the LayerNorms after them, three more times too
+    assert r["total_pj_per_token_every_step"] > r["total_pj_per_token"] + extra
+    r1 = energy_report(tiny("spikedecoder", timesteps=1), ids())
+    assert r1["total_pj_per_token_every_step"] == pytest.approx(r1["total_pj_per_token"], rel=1e-12)
+
+
 def test_firing_rates_equal_the_spikes_the_layers_emit():
     model = tiny()
     seen: dict[str, list[float]] = {}

@@ -72,10 +72,11 @@ _SDPA = {
 class _OpCounter(TorchDispatchMode):
     """Counts the aten ops of a forward pass; see the module docstring for the rules."""
 
-    def __init__(self, model: nn.Module, skip_masked: bool = True):
+    def __init__(self, model: nn.Module, skip_masked: bool = True, invariant_once: bool = True):
         super().__init__()
         self.model = model
         self.skip_masked = skip_masked
+        self.invariant_once = invariant_once
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.firing: dict[str, tuple[int, int]] = {}
         self.unpriced: Counter = Counter()
@@ -107,7 +108,8 @@ class _OpCounter(TorchDispatchMode):
         def hook(module: nn.Module, args: Any) -> None:
             self.stack.append((name, module, open_scopes()))
             x = args[0] if args and isinstance(args[0], Tensor) else None
-            once = isinstance(module, nn.Linear | LinearNorm) and x is not None and _time_invariant(x)
+            once = self.invariant_once and isinstance(module, nn.Linear | LinearNorm) and x is not None
+            once = once and _time_invariant(x)
             self.steps.append(x.shape[0] if once else 1)
             if isinstance(module, nn.Linear):
                 self.linear_inputs.append(x)
@@ -447,13 +449,16 @@ class _FusedKernels(TorchFunctionMode):
             self.counter.kernel_products = None
 
 
-def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True, cache: Any = None) -> OpCounts:
+def count_ops(
+    model: nn.Module, idx: Tensor, skip_masked: bool = True, cache: Any = None, invariant_once: bool = True
+) -> OpCounts:
     """Every operation of one inference forward of `model` on token ids `idx` (B, S), by place and kind.
 
     The model runs in eval mode without gradients (its mode is restored), LIF neurons on their reference loop
     backend (same spikes), Linear layers unchunked. skip_masked=False also charges the products a causal mask
     discards (SpikingJelly's convention; used by the cross-check). With a decoding `cache` (model.new_cache()),
-    the forward is the incremental step model(idx, cache): idx holds only the new tokens, and the cache advances."""
+    the forward is the incremental step model(idx, cache): idx holds only the new tokens, and the cache advances.
+    invariant_once=False charges work on a time-invariant input at every timestep (what a dense executor runs)."""
     was_training = model.training
     lifs = [m for m in model.modules() if isinstance(m, LIF)]
     backends = [m.backend for m in lifs]
@@ -461,7 +466,7 @@ def count_ops(model: nn.Module, idx: Tensor, skip_masked: bool = True, cache: An
     try:
         for m in lifs:
             m.backend = "loop"
-        counter = _OpCounter(model, skip_masked)
+        counter = _OpCounter(model, skip_masked, invariant_once)
         with torch.no_grad(), batch_invariant(False), counter, _FusedKernels(counter):
             model(idx) if cache is None else model(idx, cache)
     finally:
