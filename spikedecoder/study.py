@@ -158,13 +158,18 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value, whether given as a value or as a factory (a list)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _check_same(run_dir: Path, old: dict, variant: Variant) -> None:
     """A run trained with other settings than the variant's is an error (never silently mixed in or continued)."""
     new = variant.fingerprint()
     old = {"model": dict(old.get("model", {})), "train": dict(old.get("train", {}))}
     # an option added after the run was trained, at its default here: the run used that default behaviour
     for section, cls in (("model", SpikeDecoderConfig), ("train", TrainConfig)):
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
         for key in set(new.get(section, {})) - set(old[section]):
             if new[section][key] == defaults.get(key, dataclasses.MISSING):
                 del new[section][key]

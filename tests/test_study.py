@@ -110,7 +110,8 @@ def test_toy_study_writes_results_resumes_and_skips(tmp_path, counted_train):
     path = out / "runs" / "ann" / "result.json"
     recorded = json.loads(path.read_text())
     del recorded["fingerprint"]["train"]["beta1"]  # toy.toml leaves beta1 at its default
-    del recorded["fingerprint"]["model"]["mlp_conv"]  # a model option added later, left at its default
+    del recorded["fingerprint"]["model"]["mlp_conv"]  # model options added later, left at their defaults
+    del recorded["fingerprint"]["model"]["float_stages"]  # (a default from a factory: an empty list)
     recorded["fingerprint"]["train"]["retired_option"] = 1
     path.write_text(json.dumps(recorded))
     assert study.stored_result(path.parent, variants[0])["name"] == "ann"
