@@ -85,6 +85,10 @@ class SpikeDecoderConfig:
     surrogate: str = "atan"
     surrogate_alpha: float | None = None
     learnable_threshold: str = "none"  # "channel": one per channel (the score map's LIF has none: one per layer)
+    # learned membrane decay (PLIF): the leak 1/tau becomes a parameter sigmoid(w), w starting at -log(tau - 1), one
+    # per LIF layer ("layer") or per channel ("channel"; the score map's LIF: one per layer). The energy measure
+    # prices the leak as a multiply then (no shift), and the event engine runs it as tensor ops (not its kernel)
+    learnable_tau: str = "none"
     # graded spikes where a Linear reads them (the inputs of the attention and the MLP, the MLP's hidden layer, the
     # attention output, the head): up to spike_levels spikes per step (thresholds v_th, 2 v_th, ...), and with
     # bipolar also negative ones; Q, K and V stay binary (their products count coincidences)
@@ -137,6 +141,7 @@ class SpikeDecoderConfig:
         choice("norm", NORMS)
         choice("surrogate", SURROGATES)
         choice("learnable_threshold", THRESHOLDS)
+        choice("learnable_tau", THRESHOLDS)
         choice("lif_backend", LIF_BACKENDS)
         need(self.code_dim is None or self.code_dim >= 1, f"code_dim must be >= 1, got {self.code_dim}")
         need(

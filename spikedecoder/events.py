@@ -18,6 +18,8 @@ attention mechanism keeps working:
   and its output is expanded again (still stride 0, so the next such module skips too).
 - Whole-context attention heads take their sparse decoding step (`SpikingSelfAttention.sparse_state`): the state
   rows of the active query and key features only, exact because the sums are of small integers.
+- LIF neurons run a small C++ kernel (the same arithmetic in the same order); graded neurons and neurons with a
+  learned decay (one float per layer or channel) run the same steps as tensor ops.
 - LIF neurons whose spikes only ever reach event Linears emit bool spikes; the others (e.g. Q, K, V, read by the
   attention's matmuls) keep emitting float 0/1. Which is which is found by tracing one probe forward
   (`_SpikeUseTracer`): a LIF output may be reshaped or indexed on its way, anything else needs floats.
@@ -43,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import SpikingSelfAttention
 from .kernel_build import load_kernel
 from .layers import Linear, LinearNorm
-from .neurons import LIF, fire, is_graded
+from .neurons import LIF, fire, is_graded, learned_charge
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -197,6 +199,8 @@ class EventLIF(nn.Module):
         self.graded = lif.levels > 1 or lif.bipolar  # float counts out, and the tensor-op steps (not the kernel)
         self.register_buffer("v_threshold", lif.v_threshold.detach().clone())
         self.register_buffer("tau_t", torch.tensor(lif.tau))  # dividing by a tensor skips wrapping the scalar
+        decay = lif.decay()  # a learned leak: a float per layer or channel, run by the tensor-op steps
+        self.register_buffer("decay", None if decay is None else decay.detach().clone())
         self.emit_bool = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -206,7 +210,7 @@ class EventLIF(nn.Module):
         kernel = event_kernel()
         channels_ok = self.v_threshold.numel() in (1, x.shape[-1])
         cpu_float = x.device.type == "cpu" and x.dtype == torch.float32
-        if kernel is not None and cpu_float and channels_ok and not self.graded:
+        if kernel is not None and cpu_float and channels_ok and not self.graded and self.decay is None:
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             spikes = kernel.lif(flat, self.v_threshold.reshape(-1), self.tau, self.decay_input).view(x.shape)
         else:
@@ -219,7 +223,9 @@ class EventLIF(nn.Module):
         spikes = torch.empty(x.shape, dtype=x.dtype if self.graded else torch.bool, device=x.device)
         v = None  # membrane 0 before the first step
         for xt, st in zip(x.unbind(0), spikes.unbind(0), strict=True):
-            if v is None:  # 0 + (x - 0) / tau and 0 - 0 / tau + x, exactly
+            if self.decay is not None:  # learned_charge from a membrane of 0: the dense LIF's roundings
+                h = learned_charge(torch.zeros_like(xt) if v is None else v, xt, self.decay, self.decay_input)
+            elif v is None:  # 0 + (x - 0) / tau and 0 - 0 / tau + x, exactly
                 h = xt / self.tau_t if self.decay_input else xt.clone()
             elif self.decay_input:  # v + (x - v) / tau
                 h = torch.sub(xt, v).div_(self.tau_t).add_(v)
@@ -235,6 +241,7 @@ class EventLIF(nn.Module):
 
     def extra_repr(self) -> str:
         graded = f", levels={self.levels}, bipolar={self.bipolar}" if self.graded else ""
+        graded += ", learned decay" if self.decay is not None else ""
         return f"tau={self.tau}, decay_input={self.decay_input}, emit_bool={self.emit_bool}{graded}"
 
 

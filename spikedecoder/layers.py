@@ -97,13 +97,14 @@ class FloatStage(nn.Module):
 def make_lif(cfg: SpikeDecoderConfig, channels: int | None, stage: str) -> LIF | FloatStage:
     """The neuron of one spiking stage (STAGES) with the model's neuron settings. A LIF without a channel axis (the
     score map of degree-2 attention, whose last axis is the key position) learns one threshold per layer where the
-    config asks for one per channel."""
+    config asks for one per channel; so does a learned decay."""
     if stage in cfg.float_stages:
         return FloatStage()
     graded = STAGES[stage]
-    threshold = cfg.learnable_threshold
-    if threshold == "channel" and channels is None:
-        threshold = "layer"
+    threshold, decay = cfg.learnable_threshold, cfg.learnable_tau
+    if channels is None:
+        threshold = "layer" if threshold == "channel" else threshold
+        decay = "layer" if decay == "channel" else decay
     return LIF(
         tau=cfg.tau,
         v_threshold=cfg.v_threshold,
@@ -115,6 +116,7 @@ def make_lif(cfg: SpikeDecoderConfig, channels: int | None, stage: str) -> LIF |
         backend=cfg.lif_backend,
         levels=cfg.spike_levels if graded else 1,
         bipolar=cfg.bipolar and graded,
+        learnable_tau=decay,
     )
 
 

@@ -11,6 +11,10 @@ accumulates (its row added s times). Bipolar neurons also fire negative spikes, 
 membrane falls below -v_th (the row is subtracted). Either way the reset is to 0 wherever s != 0, and each level's
 step gets its own surrogate derivative.
 
+Learnable membrane decay (PLIF, Fang et al. 2021): the leak 1/tau becomes a trained parameter d = sigmoid(w), one per
+layer or per channel, w initialised at -log(tau - 1) (so d starts at 1/tau): h = v + (x - v) * d (decay_input) or
+h = v - v * d + x. The sigmoid keeps d in (0, 1) whatever the optimiser does.
+
 The state starts at 0 on every call: neurons integrate over T only, never across tokens.
 
 Two backends compute the same spikes: `loop` lets autograd record every step; `fused` is one custom autograd
@@ -20,6 +24,7 @@ fallback), with the backward written by hand from the equations above.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -45,6 +50,7 @@ class LIF(nn.Module):
         backend: str = "loop",
         levels: int = 1,
         bipolar: bool = False,
+        learnable_tau: str = "none",
     ):
         super().__init__()
         if not isinstance(levels, int) or levels < 1:
@@ -66,14 +72,31 @@ class LIF(nn.Module):
             self.v_threshold = nn.Parameter(torch.full((channels,), float(v_threshold)))
         else:
             raise ValueError(f"learnable_threshold must be none/layer/channel, got {learnable_threshold!r}")
+        self.learnable_tau = learnable_tau
+        logit = -math.log(self.tau - 1.0)  # sigmoid(logit) = 1/tau
+        if learnable_tau == "layer":
+            self.decay_logit = nn.Parameter(torch.tensor(logit))
+        elif learnable_tau == "channel":
+            if channels is None:
+                raise ValueError("a per-channel decay needs the channel count")
+            self.decay_logit = nn.Parameter(torch.full((channels,), logit))
+        elif learnable_tau != "none":
+            raise ValueError(f"learnable_tau must be none/layer/channel, got {learnable_tau!r}")
+
+    def decay(self) -> Tensor | None:
+        """The learned leak d = 1/tau in (0, 1) (a scalar or one per channel), None where tau is fixed."""
+        return torch.sigmoid(self.decay_logit) if self.learnable_tau != "none" else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
+        decay = self.decay()
+        decay = decay.to(x.dtype) if decay is not None else None  # the membranes keep the input's dtype
         if self.backend == "fused":
             return _FusedLIF.apply(
                 x,
                 self.v_threshold,
+                decay,
                 self.tau,
                 self.decay_input,
                 self.surrogate.kind,
@@ -81,12 +104,15 @@ class LIF(nn.Module):
                 self.levels,
                 self.bipolar,
             )
-        return self._loop(x)
+        return self._loop(x, decay)
 
-    def _loop(self, x: Tensor) -> Tensor:
+    def _loop(self, x: Tensor, decay: Tensor | None = None) -> Tensor:
         v, th, out = torch.zeros_like(x[0]), self.v_threshold, []
         for xt in x:
-            h = v + (xt - v) / self.tau if self.decay_input else v - v / self.tau + xt
+            if decay is not None:
+                h = learned_charge(v, xt, decay, self.decay_input)
+            else:
+                h = v + (xt - v) / self.tau if self.decay_input else v - v / self.tau + xt
             s = self.surrogate(h - th)
             for k in range(2, self.levels + 1):
                 s = s + self.surrogate(h - th * k)
@@ -100,12 +126,19 @@ class LIF(nn.Module):
         learn = "" if isinstance(self.v_threshold, nn.Parameter) else ", fixed threshold"
         graded = f", levels={self.levels}" if self.levels > 1 else ""
         graded += ", bipolar" if self.bipolar else ""
+        graded += f", learned decay per {self.learnable_tau}" if self.learnable_tau != "none" else ""
         return f"tau={self.tau}, decay_input={self.decay_input}, backend={self.backend}{learn}{graded}"
 
 
 # ---------------------------------------------------------------------------------------------- fused backend
 def _charge(v: Tensor, x: Tensor, tau: float, decay_input: bool) -> Tensor:
     return v + (x - v) / tau if decay_input else v - v / tau + x
+
+
+def learned_charge(v: Tensor, x: Tensor, decay: Tensor, decay_input: bool) -> Tensor:
+    """The membrane before firing with a learned leak d (1/tau): v + (x - v) * d, or v - v * d + x. Every engine
+    (loop, fused, events) computes it in this order, so they round alike."""
+    return v + (x - v) * decay if decay_input else v - v * decay + x
 
 
 def fire(h: Tensor, th: Tensor, levels: int = 1, bipolar: bool = False) -> Tensor:
@@ -131,12 +164,18 @@ def is_graded(x: Tensor) -> bool:
 
 
 def lif_forward(
-    x: Tensor, th: Tensor, tau: float, decay_input: bool, levels: int = 1, bipolar: bool = False
+    x: Tensor,
+    th: Tensor,
+    tau: float,
+    decay_input: bool,
+    levels: int = 1,
+    bipolar: bool = False,
+    decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Spikes and pre-reset membranes (T, ...) for the whole sequence of steps."""
+    """Spikes and pre-reset membranes (T, ...) for the whole sequence of steps (`decay`: a learned 1/tau)."""
     v, spikes, membranes = torch.zeros_like(x[0]), [], []
     for t in range(x.shape[0]):
-        h = _charge(v, x[t], tau, decay_input)
+        h = _charge(v, x[t], tau, decay_input) if decay is None else learned_charge(v, x[t], decay, decay_input)
         s = fire(h, th, levels, bipolar)
         v = h * (1 - (s != 0).to(x.dtype))
         spikes.append(s)
@@ -155,13 +194,21 @@ def lif_backward(
     want_th: bool,
     levels: int = 1,
     bipolar: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Gradients w.r.t. the input current and (unreduced, only if want_th) the threshold, by hand-written BPTT.
-    A fixed threshold needs no gradient, and skipping it saves writing a tensor the size of the input. Level k's
-    step H(h - k th) contributes g'(h - k th) to ds/dh and -k g'(h - k th) to ds/dth; a negative level's step
-    -H(-h - k th) contributes g'(-h - k th) and +k g'(-h - k th)."""
-    gain = 1.0 / tau if decay_input else 1.0
+    decay: Tensor | None = None,
+    x: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients w.r.t. the input current, (unreduced, only if want_th) the threshold and (summed over T, only with
+    a learned `decay`, which needs the input x) the decay, by hand-written BPTT. A fixed threshold needs no gradient,
+    and skipping it saves writing a tensor the size of the input. Level k's step H(h - k th) contributes
+    g'(h - k th) to ds/dh and -k g'(h - k th) to ds/dth; a negative level's step -H(-h - k th) contributes
+    g'(-h - k th) and +k g'(-h - k th). With a learned decay d, dh_t/dd = x_t - v_{t-1} (decay_input) or -v_{t-1},
+    and dh_t/dv_{t-1} = 1 - d."""
+    if decay is None:
+        gain, keep = (1.0 / tau if decay_input else 1.0), 1 - 1 / tau
+    else:
+        gain, keep = (decay if decay_input else 1.0), 1 - decay
     grad_v = torch.zeros_like(h[0])
+    grad_decay = torch.zeros_like(h[0]) if decay is not None else None
     grad_x, grad_th = [], []
     surrogate = GRADS[kind]
     for t in range(h.shape[0] - 1, -1, -1):
@@ -180,8 +227,11 @@ def lif_backward(
         grad_x.append(grad_h * gain)
         if want_th:
             grad_th.append(grad_s[t] * slope_th)
-        grad_v = grad_h * (1 - 1 / tau)
-    return torch.stack(grad_x[::-1]), torch.stack(grad_th[::-1]) if want_th else None
+        if grad_decay is not None:
+            v = h[t - 1] * (fire(h[t - 1], th, levels, bipolar) == 0).to(h.dtype) if t > 0 else torch.zeros_like(h[0])
+            grad_decay = grad_decay + grad_h * (x[t] - v if x is not None else -v)
+        grad_v = grad_h * keep
+    return torch.stack(grad_x[::-1]), torch.stack(grad_th[::-1]) if want_th else None, grad_decay
 
 
 _kernels: dict[str, object] = {}
@@ -233,20 +283,35 @@ def _run(name: str, *args):
         return _kernels[name](*args)
 
 
+def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    """A gradient broadcast over the leading axes, summed back to the shape of the parameter it belongs to."""
+    return grad.sum(tuple(range(grad.dim() - like.dim()))).reshape(like.shape)
+
+
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, th, tau, decay_input, kind, alpha, levels, bipolar):  # type: ignore[override]
-        spikes, h = _run("forward", x, th.detach(), tau, decay_input, levels, bipolar)
-        ctx.save_for_backward(h, th)
+    def forward(ctx, x, th, decay, tau, decay_input, kind, alpha, levels, bipolar):  # type: ignore[override]
+        learned = None if decay is None else decay.detach()
+        spikes, h = _run("forward", x, th.detach(), tau, decay_input, levels, bipolar, learned)
+        ctx.learned = decay is not None
+        if ctx.learned:  # dh/dd needs the input (x - v with decay_input)
+            ctx.save_for_backward(h, th, decay, x if decay_input else None)
+        else:
+            ctx.save_for_backward(h, th)
         ctx.args = (tau, decay_input, kind, alpha)
         ctx.graded = (levels, bipolar)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_s):  # type: ignore[override]
-        h, th = ctx.saved_tensors
+        h, th, *learned = ctx.saved_tensors
+        decay, x = (learned[0].detach(), learned[1]) if ctx.learned else (None, None)
         want_th = ctx.needs_input_grad[1]
-        grad_x, grad_th = _run("backward", grad_s.contiguous(), h, th.detach(), *ctx.args, want_th, *ctx.graded)
+        grad_x, grad_th, grad_decay = _run(
+            "backward", grad_s.contiguous(), h, th.detach(), *ctx.args, want_th, *ctx.graded, decay, x
+        )
         if want_th:
-            grad_th = grad_th.sum(tuple(range(grad_th.dim() - th.dim()))).reshape(th.shape)
-        return grad_x, grad_th, None, None, None, None, None, None
+            grad_th = _reduce_to(grad_th, th)
+        if grad_decay is not None:
+            grad_decay = _reduce_to(grad_decay, decay) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_th, grad_decay, None, None, None, None, None, None

@@ -17,13 +17,17 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the gradient) became NaN or infinite; the last good checkpoint is kept."""
 
 
+NO_DECAY = ("threshold", "decay_logit", ".table.", "norm", ".ln.")  # parameter names weight decay never touches
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices of Linear layers: never norms, biases, embeddings or thresholds."""
+    """Decay only matrices of Linear layers: never norms, biases, embeddings, thresholds or learned membrane decays
+    (pulling a decay's logit to 0 would pull every tau towards 2)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.dim() < 2 or "threshold" in name or ".table." in name or "norm" in name or ".ln." in name
+        skip = p.dim() < 2 or any(part in name for part in NO_DECAY)
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -69,13 +69,18 @@ def test_rate_coding_accepted_by_validate_really_draws() -> None:
 
 
 def test_degree_2_residual_with_a_threshold_per_channel_builds_and_learns() -> None:
-    """The score map has no channel axis: its LIF learns one threshold, every other LIF one per channel."""
-    cfg = SpikeDecoderConfig.from_preset("spikedecoder", **TINY, residual=2, learnable_threshold="channel")
+    """The score map has no channel axis: its LIF learns one threshold (and one decay), every other LIF one per
+    channel."""
+    cfg = SpikeDecoderConfig.from_preset(
+        "spikedecoder", **TINY, residual=2, learnable_threshold="channel", learnable_tau="channel"
+    )
     torch.manual_seed(0)
     model = SpikeDecoder(cfg)
     attn = model.blocks[0].attn
     assert attn.score_lif.v_threshold.shape == () and attn.q_lif.v_threshold.shape == (16,)
+    assert attn.score_lif.decay_logit.shape == () and attn.q_lif.decay_logit.shape == (16,)
     logits = model(torch.randint(0, 11, (3, 8)))
     logits.logsumexp(-1).sum().backward()
     assert attn.q_lif.v_threshold.grad.abs().sum() > 0
     assert attn.score_lif.v_threshold.grad is not None and torch.isfinite(attn.score_lif.v_threshold.grad)
+    assert attn.q_lif.decay_logit.grad.abs().sum() > 0 and torch.isfinite(attn.score_lif.decay_logit.grad)

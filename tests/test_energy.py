@@ -257,6 +257,23 @@ def test_lif_update_is_priced_as_the_arithmetic_its_tau_needs(tau, decay_input, 
     assert ops.place("block0.mlp.lif") == {k: 30 * n for k, n in per_update.items()}
 
 
+@pytest.mark.parametrize("tau", [2.0, 3.0])
+@pytest.mark.parametrize(
+    "decay_input, per_update",
+    [
+        (True, {"lif": 1, "add": 1, "cmp": 1}),  # v + (x - v) * d: an add and a multiply-accumulate
+        (False, {"lif": 1, "cmp": 1}),  # v (1 - d) + x: one multiply-accumulate
+    ],
+)
+@pytest.mark.parametrize("mode", ["layer", "channel"])
+def test_learned_decay_is_priced_as_a_multiply_even_at_one_half(tau, decay_input, per_update, mode):
+    """A learned decay is a number the training chose: never a shift, even where it starts (or ends) at 1/2."""
+    x = torch.rand(3, 2, 5, generator=torch.Generator().manual_seed(0)) * 3
+    lif = LIF(tau=tau, decay_input=decay_input, learnable_tau=mode, channels=5)
+    ops = count_ops(InBlock("mlp", nn.Sequential(lif)), x)
+    assert ops.place("block0.mlp.lif") == {k: 30 * n for k, n in per_update.items()}
+
+
 def test_time_invariant_linear_is_charged_once_and_rows_read_once_per_token():
     """A LinearNorm on an input expanded over T = 4 (as direct encoding presents the embedding) runs once in the
     event engine, and so is charged once; a Linear on spikes varying over T reads, per token, the rows of the
@@ -371,6 +388,8 @@ VARIANTS = [
     ("ann", {"attn_window": [2, 0], "token_conv": 3, "mlp_conv": 2}),
     ("spikedecoder", {"spike_levels": 3, "timesteps": 1, "token_conv": 2}),
     ("spiking-attention-mlp", {"spike_levels": 2, "bipolar": True}),
+    ("spikedecoder", {"learnable_tau": "channel"}),
+    ("spikedecoder", {"learnable_tau": "layer", "residual": 2, "decay_input": False}),
 ]
 
 
@@ -387,7 +406,9 @@ def test_every_operation_is_priced_and_placed(preset, overrides):
     assert ops.total("ac_fanout") >= ops.total("ac")
     spiking = preset != "ann"
     assert (ops.total("ac") > 0) == spiking
-    assert (ops.total("shift") > 0) == spiking  # tau = 2: every membrane update leaks by a shift
+    learned = overrides.get("learnable_tau", "none") != "none"
+    assert (ops.total("shift") > 0) == (spiking and not learned)  # tau = 2: every membrane update leaks by a shift
+    assert (ops.total("lif") > 0) == (spiking and learned)  # a learned decay: a multiply-accumulate instead
 
 
 class Decay(nn.Module):

@@ -56,6 +56,15 @@ MODES = {
     "graded-T1-token-conv": ("spikedecoder", dict(spike_levels=4, timesteps=1, token_conv=3, mlp_conv=2)),
     "graded-bipolar-batchnorm": ("spikedecoder", dict(spike_levels=2, bipolar=True, norm="batch")),
     "graded-spiking-attention-mlp": ("spiking-attention-mlp", dict(spike_levels=3, bipolar=True)),
+    "learned-decay-channel": ("spikedecoder", dict(learnable_tau="channel")),
+    "learned-decay-layer-residual2-fused": (
+        "spikedecoder",
+        dict(learnable_tau="layer", residual=2, decay_input=False, lif_backend="fused"),
+    ),
+    "learned-decay-graded-channel-threshold": (
+        "spikedecoder",
+        dict(learnable_tau="channel", spike_levels=2, learnable_threshold="channel"),
+    ),
     "key-conv-dual-path": (
         "spikedecoder",
         dict(attn_window=[2, 0], attn_norm="coincidence", attn_key_conv=True, av_norm=True, combine="concat"),

@@ -41,8 +41,18 @@ def make_model(preset: str = "spikedecoder", max_len: int = 128, seed: int = 0, 
     if preset != "ann":  # without a norm, the coincidence normaliser's weighted mean (<= 1) needs a larger scale
         sizes.update(v_threshold=0.3, attn_scale=2.0 if overrides.get("norm") == "none" else 0.5)
     model = tiny_model(preset, seed, **{**sizes, **overrides})
+    spread_decays(model, seed)
     calibrate(model)
     return model.eval()
+
+
+@torch.no_grad()
+def spread_decays(model: SpikeDecoder, seed: int = 0) -> None:
+    """Learned membrane decays spread over (0.2, 0.8), as training leaves them: not all 1/tau, the fixed LIF's."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("decay_logit"):
+            p.copy_(torch.rand(p.shape, generator=g) * 2.8 - 1.4)
 
 
 @torch.no_grad()

@@ -333,9 +333,13 @@ def test_logit_shapes_for_every_head_combine(preset: str, combine: str) -> None:
     assert model.head.out.in_features == width
 
 
-def test_fused_lif_backend_gives_the_same_model() -> None:
-    loop = make_model("spikedecoder", n_layer=1, learnable_threshold="channel")
-    fused = make_model("spikedecoder", n_layer=1, learnable_threshold="channel", lif_backend="fused")
+@pytest.mark.parametrize("learnable_tau", ["none", "channel"])
+def test_fused_lif_backend_gives_the_same_model(learnable_tau: str) -> None:
+    """Same logits and gradients, learned thresholds and (learned) membrane decays included."""
+    loop = make_model("spikedecoder", n_layer=1, learnable_threshold="channel", learnable_tau=learnable_tau)
+    fused = make_model(
+        "spikedecoder", n_layer=1, learnable_threshold="channel", learnable_tau=learnable_tau, lif_backend="fused"
+    )
     fused.load_state_dict(loop.state_dict())
     idx, target = tokens(), tokens(seed=2)
     losses = []
@@ -366,6 +370,7 @@ def test_fused_lif_backend_gives_the_same_model() -> None:
         (dict(attn_scale="big"), "attn_scale must be a number or 'auto'"),
         (dict(attn_scale=0.0), "attn_scale must be > 0"),
         (dict(tau=1.0), "tau must be > 1"),
+        (dict(learnable_tau="head"), "learnable_tau='head' is not valid; choose one of none, layer, channel"),
         (dict(v_threshold=0), "v_threshold must be > 0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(code_dim=0), "code_dim must be >= 1"),

@@ -165,6 +165,34 @@ def test_matches_spikingjelly_lifnode(decay_input: bool, kind: str) -> None:
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_learned_decay_matches_spikingjelly_parametric_lifnode(decay_input: bool) -> None:
+    """learnable_tau='layer' is SpikingJelly's ParametricLIFNode (PLIF): same spikes, input and decay gradients."""
+    neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    reference = neuron.ParametricLIFNode(
+        init_tau=3.0,
+        decay_input=decay_input,
+        v_threshold=1.0,
+        v_reset=0.0,
+        surrogate_function=surrogate.ATan(),
+        detach_reset=True,
+        step_mode="m",
+    )
+    ours = LIF(tau=3.0, decay_input=decay_input, learnable_tau="layer")
+    torch.testing.assert_close(ours.decay_logit.detach(), reference.w.detach())
+    x_ref = currents((8, 3, 40), seed=1).requires_grad_()
+    x_ours = x_ref.detach().clone().requires_grad_()
+    upstream = torch.randn(8, 3, 40, generator=torch.Generator().manual_seed(2))
+    s_ref, s_ours = reference(x_ref), ours(x_ours)
+    assert torch.equal(s_ref, s_ours)
+    assert 0.1 < s_ours.mean() < 0.6
+    (s_ref * upstream).sum().backward()
+    (s_ours * upstream).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.decay_logit.grad, reference.w.grad, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- fused backend
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -177,18 +205,26 @@ def compare_backends(
     compiled: bool = True,
     levels: int = 1,
     bipolar: bool = False,
+    learnable_tau: str = "none",
 ) -> None:
-    """Same spikes, input and threshold gradients within 1e-6 relative (one shape for all, to compile once)."""
+    """Same spikes, input, threshold and (learned) decay gradients within 1e-6 relative (one shape for all, to
+    compile once)."""
     channels = 16
     kwargs = dict(
         decay_input=decay_input, learnable_threshold=threshold, channels=channels, v_threshold=0.9, surrogate=surrogate
     ) | (dict(levels=levels, bipolar=bipolar) if levels > 1 or bipolar else {})
+    kwargs |= dict(learnable_tau=learnable_tau) if learnable_tau != "none" else {}
     loop, fused = LIF(**kwargs), LIF(**kwargs, backend="fused")
     if threshold != "none":
         with torch.no_grad():
             th = torch.linspace(0.6, 1.3, channels) if threshold == "channel" else torch.tensor(1.1)
             loop.v_threshold.copy_(th)
             fused.v_threshold.copy_(th)
+    if learnable_tau != "none":  # decays from 0.2 to 0.8 (tau 5 to 1.25), not the shift of tau = 2
+        with torch.no_grad():
+            w = torch.linspace(-1.4, 1.4, channels) if learnable_tau == "channel" else torch.tensor(0.7)
+            loop.decay_logit.copy_(w)
+            fused.decay_logit.copy_(w)
     x_loop = currents((4, 5, 7, channels), seed=3).requires_grad_()
     x_fused = x_loop.detach().clone().requires_grad_()
     upstream = torch.randn(x_loop.shape, generator=torch.Generator().manual_seed(4))
@@ -209,6 +245,12 @@ def compare_backends(
         # a bipolar layer threshold's gradient sums terms of both signs over every neuron: rounding order shows
         tol = 1e-5 if bipolar and threshold == "layer" else 1e-6
         assert _relative_error(fused.v_threshold.grad, loop.v_threshold.grad) <= tol
+    if learnable_tau != "none":
+        assert fused.decay_logit.grad.shape == loop.decay_logit.grad.shape
+        assert loop.decay_logit.grad.abs().min() > 0  # every decay learns something, or the test is void
+        # summed over every neuron and step, in another order than autograd's
+        tol = 1e-5 if learnable_tau == "layer" else 1e-6
+        assert _relative_error(fused.decay_logit.grad, loop.decay_logit.grad) <= tol
 
 
 FUSED_CASES = [(d, th) for d in (True, False) for th in ("none", "layer", "channel")]
@@ -230,6 +272,65 @@ def test_fused_graded_spikes_equal_the_loop(monkeypatch, decay_input, threshold,
     threshold's k-fold slope) equal the autograd loop."""
     monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
     compare_backends(decay_input, threshold, compiled=False, levels=levels, bipolar=bipolar)
+
+
+@pytest.mark.parametrize("learnable_tau", ["layer", "channel"])
+@pytest.mark.parametrize(("decay_input", "threshold", "levels", "bipolar"), [
+    (True, "channel", 1, False), (False, "layer", 1, False), (True, "none", 2, True), (False, "channel", 3, False)
+])  # fmt: skip
+def test_fused_learned_decay_equals_the_loop(monkeypatch, decay_input, threshold, levels, bipolar, learnable_tau):
+    """A learned decay per layer or channel: the fused forward and its hand-written decay gradient equal the
+    autograd loop, with fixed or learned thresholds, binary or graded spikes."""
+    monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
+    compare_backends(
+        decay_input, threshold, compiled=False, levels=levels, bipolar=bipolar, learnable_tau=learnable_tau
+    )
+
+
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_learned_decay_against_a_hand_trace(decay_input: bool) -> None:
+    """d = sigmoid(w): h = v + (x - v) d (or v - v d + x), fire at h >= 1, hard reset; dL/dd by hand-written BPTT:
+    dh_t/dd = x_t - v_{t-1} (or -v_{t-1}), dh_t/dv_{t-1} = 1 - d, and dL/dw = dL/dd * d (1 - d)."""
+    lif = LIF(learnable_tau="layer", decay_input=decay_input)
+    assert float(lif.decay().detach()) == pytest.approx(0.5)  # starts at the config's tau = 2
+    with torch.no_grad():
+        lif.decay_logit.fill_(math.log(0.25 / 0.75))  # d = 1/4: tau = 4
+    d = 0.25
+    x = torch.tensor([1.6, 1.2, 0.3, 4.4] if decay_input else [0.4, 0.9, 0.3, 1.2], requires_grad=True)
+    s = lif(x[:, None])[:, 0]
+    xs = x.tolist()
+    h, v, prev = [], 0.0, []
+    for xt in xs:
+        prev.append(v)
+        ht = v + (xt - v) * d if decay_input else v - v * d + xt
+        h.append(ht)
+        v = 0.0 if ht >= 1 else ht
+    assert s.tolist() == [float(ht >= 1) for ht in h] and 0 < sum(s.tolist()) < 4
+    weights = [1.0, -0.5, 2.0, 0.7]
+    (s * torch.tensor(weights)).sum().backward()
+    grad_h, grad_next = [0.0] * 4, 0.0
+    for t in range(3, -1, -1):
+        grad_h[t] = atan_grad(h[t] - 1) * weights[t] + grad_next * (0.0 if h[t] >= 1 else 1.0)
+        grad_next = grad_h[t] * (1 - d)
+    gain = d if decay_input else 1.0
+    torch.testing.assert_close(x.grad, torch.tensor([g * gain for g in grad_h]), rtol=1e-6, atol=0)
+    dd = sum(g * ((xt - v) if decay_input else -v) for g, xt, v in zip(grad_h, xs, prev, strict=True))
+    torch.testing.assert_close(lif.decay_logit.grad, torch.tensor(dd * d * (1 - d)), rtol=1e-5, atol=0)
+
+
+def test_learned_decay_starts_as_the_fixed_tau() -> None:
+    """Initialised at 1/tau, a learned decay gives the fixed LIF's spikes (tau = 3: not a shift either way)."""
+    x = currents((6, 4, 9))
+    fixed = LIF(tau=3.0)(x)
+    for mode in ("layer", "channel"):
+        lif = LIF(tau=3.0, learnable_tau=mode, channels=9)
+        assert lif.decay_logit.shape == (() if mode == "layer" else (9,))
+        torch.testing.assert_close(lif.decay(), torch.full_like(lif.decay(), 1 / 3))
+        assert (lif(x) != fixed).float().mean() < 1e-3  # x * (1/3) and x / 3 may round apart at the threshold
+    with pytest.raises(ValueError, match="per-channel decay needs the channel count"):
+        LIF(learnable_tau="channel")
+    with pytest.raises(ValueError, match="learnable_tau must be none/layer/channel"):
+        LIF(learnable_tau="token")
 
 
 def test_graded_and_bipolar_spikes_against_a_hand_trace() -> None:
@@ -267,6 +368,13 @@ def test_graded_and_bipolar_spikes_against_a_hand_trace() -> None:
 def test_compiled_fused_backend_equals_the_loop(decay_input: bool, threshold: str) -> None:
     """The torch.compile'd kernels themselves (two variants by default, all six with -m slow)."""
     compare_backends(decay_input, threshold, compiled=True)
+    assert neurons._kernels["forward"] is not neurons.lif_forward, "the forward kernel was not compiled"
+    assert neurons._kernels["backward"] is not neurons.lif_backward, "the backward kernel was not compiled"
+
+
+def test_compiled_fused_backend_with_a_learned_decay_equals_the_loop() -> None:
+    """The compiled kernels with a learned per-channel decay (its gradient written by hand)."""
+    compare_backends(True, "channel", compiled=True, learnable_tau="channel")
     assert neurons._kernels["forward"] is not neurons.lif_forward, "the forward kernel was not compiled"
     assert neurons._kernels["backward"] is not neurons.lif_backward, "the backward kernel was not compiled"
 

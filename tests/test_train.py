@@ -142,13 +142,14 @@ def test_learning_rate_warms_up_then_decays_to_min_lr() -> None:
 
 
 def test_weight_decay_only_on_linear_matrices() -> None:
-    model = SpikeDecoder(tiny(norm="batch", learnable_threshold="channel", n_layer=2))
+    model = SpikeDecoder(tiny(norm="batch", learnable_threshold="channel", learnable_tau="channel", n_layer=2))
     decay, no_decay = (g["params"] for g in param_groups(model, 0.1))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay}
     kept = {names[id(p)] for p in no_decay}
     assert decayed and all(n.endswith("linear.weight") or n == "head.out.weight" for n in decayed)
     assert any("threshold" in n for n in kept) and any(".table." in n for n in kept)
+    assert any(n.endswith("decay_logit") for n in kept)
     assert any("norm" in n for n in kept) and any(n.endswith("bias") for n in kept)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
 
