@@ -57,6 +57,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = load_config_file(args.config, args.set)
     tcfg = train_config(config, args)
     presets = args.presets or config.get("compare", {}).get("presets", ["spikedecoder", "ann"])
+    presets, teacher = teacher_first(presets, tcfg.distill)
     models = [model_config(config, name) for name in presets]  # every preset's settings checked before any work
     out = Path(args.out)
     with claim_run_dirs([out / name for name in presets], args.resume, args.force) as resume:
@@ -68,16 +69,56 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"compare.prompt {prompt!r}: {exc}; set one with --set compare.prompt='\"...\"'") from exc
         rows = []
         for name, mcfg, again in zip(presets, models, resume, strict=True):
-            print(f"\n=== training {name} ===", flush=True)
-            result = train(mcfg, tcfg, out / name, resume=again, data=data, **allowed_changes(args))
+            print(f"\n=== training {name} ===" + (f" (distilled from {tcfg.distill})" if name != teacher and
+                  tcfg.distill else ""), flush=True)  # fmt: skip
+            run_cfg, teacher_dir = tcfg, None
+            if teacher is not None:  # the teacher trains without one; the others learn from OUT/TEACHER
+                run_cfg, teacher_dir = (tcfg.without_teacher(), None) if name == teacher else (tcfg, out / teacher)
+            result = train(mcfg, run_cfg, out / name, resume=again, data=data, teacher_dir=teacher_dir,
+                           **allowed_changes(args))  # fmt: skip
             rows.append((name, result))
     for name, _ in rows:
         model, tokenizer, _ = load_checkpoint(out / name)
         print(f"\n--- sample from {name} (seed 0, temperature 0.8) ---")
         print(prompt + generate_text(model, tokenizer, prompt, 300, temperature=0.8, top_k=None, seed=0))
     print("\n" + results_table(rows))
+    for name, r in rows:
+        if "distill" in r:
+            print(distill_note(name, r["distill"]))
     (out / "results.json").write_text(json.dumps({n: r for n, r in rows}, indent=2) + "\n")
     return 0
+
+
+def distill_note(name: str, facts: dict) -> str:
+    """What a distilled run cost besides its own training: the teacher's training, and its forwards."""
+    return (
+        f"{name} learnt from {facts['teacher_preset']} ({facts['teacher']}; weight {facts['weight']:g}, temperature "
+        f"{facts['temperature']:g}): the teacher trained {facts['teacher_train_seconds']:.0f} s, and its forwards "
+        f"added {facts['teacher_forward_seconds']:.0f} s ({facts['teacher_forward_seconds_per_step'] * 1e3:.1f} ms "
+        f"per step, {facts['teacher_forward_share']:.0%} of this training's time)"
+    )
+
+
+def teacher_first(presets: list[str], distill: str | None) -> tuple[list[str], str | None]:
+    """The presets in training order and the one train.distill names, if any: a preset's name means its run in this
+    compare (OUT/NAME), trained first, without a teacher; any other value is a run directory, checked now."""
+    from .config import PRESETS
+
+    if distill is None:
+        return presets, None
+    if distill in presets:
+        return [distill, *[p for p in presets if p != distill]], distill
+    if distill in PRESETS:
+        raise ConfigError(
+            f"train.distill={distill!r} names a preset this compare does not train ({', '.join(presets)}): add it "
+            "to --presets (or compare.presets), or give the teacher's run directory"
+        )
+    if not Path(distill).is_dir():
+        raise ConfigError(
+            f"train.distill={distill!r}: no such run directory; give a trained run (or checkpoint) directory, or "
+            f"the name of a preset this compare trains ({', '.join(presets)})"
+        )
+    return presets, None
 
 
 def allowed_changes(args: argparse.Namespace) -> dict[str, bool]:

@@ -10,10 +10,22 @@ EXAMPLES = {
   spikedecoder train configs/run.toml --preset spikedecoder --out runs/snn
   spikedecoder train configs/run.toml --preset ann --data my.txt --steps 2000 --out runs/ann
   spikedecoder train configs/run.toml --set model.norm=power --set train.lr=1e-3 --out runs/snn-pn
-  spikedecoder train configs/run.toml --out runs/snn --resume      # continue an interrupted run""",
+  spikedecoder train configs/run.toml --out runs/snn --resume      # continue an interrupted run
+  spikedecoder train configs/run.toml --set train.distill=runs/make-run/ann --out runs/snn-kd   # learn from the ANN
+  spikedecoder train configs/run.toml --set train.rate_weight=0.1 --set train.rate_target=0.05 --out runs/sparse""",
     "compare": """examples:
   spikedecoder compare configs/run.toml --out runs/make-run        # what `make run` does
-  spikedecoder compare configs/run.toml --presets spikedecoder spiking-attention ann --out runs/ladder""",
+  spikedecoder compare configs/run.toml --presets spikedecoder spiking-attention ann --out runs/ladder
+  spikedecoder compare configs/run.toml --set train.distill=ann --out runs/distilled
+      # the ANN first, then every other preset distilled from it (OUT/ann); the teacher's cost is printed
+
+training levers (train.KEY, all off by default; see configs/run.toml):
+  distill = "ann"          a preset of this compare (trained first, without a teacher) or a run directory:
+                           loss = (1 - distill_weight) * CE + distill_weight * distill_temperature^2 * KL(teacher ||
+                           student) at that temperature; the teacher's training seconds and its forward time per
+                           step are recorded (results.json, OUT/NAME/checkpoint/training.json)
+  rate_weight = 0.1        firing-rate regulariser: + rate_weight * mean over LIF layers of max(0, rate - target)^2
+  rate_target = 0.05       spikes per neuron per step, or a table of glob patterns over the LIF layers' names""",
     "generate": """examples:
   spikedecoder generate runs/make-run/spikedecoder --prompt "ROMEO:" --tokens 300
   spikedecoder generate runs/snn --prompt "JULIET:" --greedy --stop "\\n\\n"

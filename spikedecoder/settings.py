@@ -55,12 +55,24 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and checkpoint) after this wall time
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when a GPU is visible); torchrun: cuda:LOCAL_RANK
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16
+    # firing-rate regulariser (rates.py): loss += rate_weight * mean over the LIF layers of max(0, rate - target)^2,
+    # a layer's rate being its spikes per neuron per step (0: off). rate_target: one target for every LIF layer, or
+    # a table {glob over the layers' names = target} (e.g. {"blocks.*.mlp.*" = 0.05, "*" = 0.1}), first match wins
+    rate_weight: float = 0.0
+    rate_target: float | dict[str, float] = 0.0
+    # distillation (distill.py): loss = (1 - distill_weight) * CE + distill_weight * distill_temperature^2 *
+    # KL(softmax(teacher / tau) || softmax(student / tau)); distill: the teacher's run (or checkpoint) directory,
+    # or in `compare` the name of one of its presets (trained first, OUT/NAME); the teacher shares the vocabulary
+    distill: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # inf and nan pass every comparison below that they should fail
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"train.{f.name}={value}: give a finite number")
+        self._check_levers()
         checks = [
             (self.tokenizer in ("char", "bpe", "word"), f"tokenizer={self.tokenizer!r}: choose char, bpe or word"),
             (self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1"),
@@ -96,10 +108,54 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"train.{msg}")  # named as in the config file and --set
 
+    def _check_levers(self) -> None:
+        """The regulariser's and the distillation's settings: valid, and never given where they would do nothing."""
+        targets = self.rate_target if isinstance(self.rate_target, dict) else {"*": self.rate_target}
+        checks = [
+            (self.rate_weight >= 0, f"rate_weight={self.rate_weight:g}: must be >= 0 (0: no regulariser)"),
+            (
+                bool(targets) and all(isinstance(k, str) and k.strip() for k in targets),
+                f"rate_target={self.rate_target!r}: give a number, or a table of LIF-name patterns and targets "
+                '(e.g. {"blocks.*.mlp.*" = 0.05, "*" = 0.1})',
+            ),
+            (
+                all(isinstance(t, int | float) and math.isfinite(t) and t >= 0 for t in targets.values()),
+                f"rate_target={self.rate_target!r}: targets are spikes per neuron per step, finite and >= 0",
+            ),
+            (
+                self.rate_weight > 0 or self.rate_target == 0,
+                f"rate_target={self.rate_target!r} does nothing with rate_weight=0: set train.rate_weight > 0 to "
+                "regularise the firing rates (or leave rate_target out)",
+            ),
+            (
+                self.distill is None or (isinstance(self.distill, str) and self.distill.strip() != ""),
+                f"distill={self.distill!r}: give the teacher's run directory (or, in compare, a preset's name)",
+            ),
+            (0 <= self.distill_weight <= 1, f"distill_weight={self.distill_weight:g}: must be in [0, 1]"),
+            (self.distill_temperature > 0, f"distill_temperature={self.distill_temperature:g}: must be > 0"),
+            (
+                self.distill is not None or (self.distill_weight, self.distill_temperature) == DISTILL_DEFAULTS,
+                f"distill_weight={self.distill_weight:g}, distill_temperature={self.distill_temperature:g} do "
+                "nothing without a teacher: set train.distill (a trained run, or in compare a preset's name) or "
+                "leave them out",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"train.{msg}")
+
+    def without_teacher(self) -> TrainConfig:
+        """These settings with distillation off (for the teacher's own run in a compare)."""
+        weight, temperature = DISTILL_DEFAULTS
+        return dataclasses.replace(self, distill=None, distill_weight=weight, distill_temperature=temperature)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         reject_unknown(cls, values, "training option(s)")
         return cls(**values)
+
+
+DISTILL_DEFAULTS = (0.5, 1.0)  # distill_weight, distill_temperature
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -131,6 +187,9 @@ def _fits(value: Any, kind: Any) -> bool:
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
         return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if typing.get_origin(kind) is dict:
+        key, item = typing.get_args(kind)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
     return isinstance(value, kind)
 
 

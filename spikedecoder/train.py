@@ -13,6 +13,11 @@ take the same optimisation steps as one process of batch N * B (up to float roun
 rank). Rank 0 writes the checkpoints and the log; evaluation is split over the ranks. On a GPU, the forward pass runs
 under bf16 autocast unless precision='fp32'.
 
+Levers on the loss, each off by default: a firing-rate regulariser (`rate_weight`, `rate_target`; rates.py) and
+distillation from a trained teacher (`distill`, `distill_weight`, `distill_temperature`; distill.py). The firing rates
+of the LIF layers on the validation split are logged at every evaluation (val/firing_rate, rate/LAYER), whatever
+the settings; the regulariser's hooks exist only while it is on, so the plain training step is unchanged.
+
 A resumed run is checked against its checkpoint first (resume.py): the same text and the same optimisation
 settings unless allowed. Nothing is written before the checks pass, and the run directory is locked while a
 training writes it (rundir.py).
@@ -39,8 +44,10 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError
 from .config import ConfigError, SpikeDecoderConfig
 from .data import DataError, TokenData, get_batch, load_text, unit_name
+from .distill import load_teacher, soft_loss
 from .model import SpikeDecoder
 from .optim import TrainingDiverged, grad_norm, learning_rate, lm_loss, param_groups
+from .rates import FiringRates, layer_targets, rate_penalty, summarise
 from .resume import check_resume
 from .rundir import (
     Logger,
@@ -91,17 +98,19 @@ def train(
     data: TokenData | None = None,
     allow_data_change: bool = False,
     allow_settings_change: bool = False,
+    teacher_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a model in run_dir; returns the final validation metrics and run facts.
 
     resume: continue from run_dir's checkpoint, which must agree with `cfg` and the text (resume.py) unless
-    allow_data_change / allow_settings_change. Under torchrun, every rank calls this with the same arguments (see
-    the module docstring)."""
+    allow_data_change / allow_settings_change. teacher_dir: where the teacher `cfg.distill` names lies (compare
+    passes OUT/PRESET for a preset's name; default: cfg.distill itself, a directory). Under torchrun, every rank
+    calls this with the same arguments (see the module docstring)."""
     rt = setup_runtime(cfg)
     try:
         with lock_run_dir(run_dir) if rt.main else contextlib.nullcontext():
             return _train(model_cfg, cfg, Path(run_dir), resume, progress, data, rt, allow_data_change,
-                          allow_settings_change)  # fmt: skip
+                          allow_settings_change, teacher_dir)  # fmt: skip
     finally:
         if rt.owns_group:
             dist.destroy_process_group()
@@ -154,6 +163,7 @@ def _train(
     rt: Runtime,
     allow_data_change: bool = False,
     allow_settings_change: bool = False,
+    teacher_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     resumed = None
     if resume and has_checkpoint(run_dir):  # checked before anything is written
@@ -170,12 +180,24 @@ def _train(
         )
     check_fits(model_cfg, cfg, data, rt)
     replacing = resumed is None and has_checkpoint(run_dir)  # a fresh run over an old one (--force)
+    torch.manual_seed(cfg.seed)
+    model = SpikeDecoder(model_cfg).to(rt.device)
+    # the levers, checked before anything is written: the regulariser's layers, the teacher
+    regularised = FiringRates(model, keep_graph=True) if cfg.rate_weight > 0 else None
+    targets = layer_targets(list(regularised.lifs), cfg.rate_target) if regularised else {}
+    if regularised is not None and not targets:
+        regularised = None  # a model without LIF layers (the ANN): nothing to regularise
+    teacher = None
+    if cfg.distill is not None:
+        where = Path(teacher_dir) if teacher_dir is not None else Path(cfg.distill)
+        said = f"train.distill={cfg.distill!r}" + (f" ({where})" if teacher_dir is not None else "")
+        if where.resolve() in (run_dir.resolve(), (run_dir / "checkpoint").resolve()):
+            raise ConfigError(f"{said} is this run itself; give another run, trained before, as the teacher")
+        teacher = load_teacher(where, tokenizer, model_cfg.max_len, rt.device, said)
     if rt.main:
         settle_logs(run_dir)
         for note in resumed.notes if resumed else []:
             print(f"note: {run_dir}: {note}", file=sys.stderr)
-    torch.manual_seed(cfg.seed)
-    model = SpikeDecoder(model_cfg).to(rt.device)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # own dropout masks and rate-coded spikes on each rank
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -187,6 +209,15 @@ def _train(
     if resumed is not None:
         start_meta = restore_training_state(run_dir, model, opt, gen, rt.device, rt.rank)
         meta.update({k: start_meta[k] for k in ("step", "history", "train_seconds", "run") if k in start_meta})
+        spent = start_meta.get("distill", {})
+        if teacher is not None:  # the teacher's forward time so far, kept across resumes
+            teacher.forward_seconds = spent.get("teacher_forward_seconds", 0.0)
+            teacher.steps = spent.get("teacher_forward_steps", 0)
+            if spent.get("teacher_run") not in (None, teacher.facts["teacher_run"]) and rt.main:
+                print(
+                    f"note: {run_dir}: the teacher {teacher.facts['teacher']} is another run than before",
+                    file=sys.stderr,
+                )
         changes = list(start_meta.get("changes", []))  # what resumes changed, kept with the run
         changes += [{"step": start_meta["step"], **resumed.changes}] if resumed.changes else []
         if changes:
@@ -229,6 +260,8 @@ def _train(
     def checkpoint() -> None:
         nonlocal last_saved
         meta.update(step=step, train_seconds=base_seconds + time.time() - start, params=model.num_params())
+        if teacher is not None:
+            meta["distill"] = teacher.record(cfg.distill_weight, cfg.distill_temperature, meta["train_seconds"])
         rng = rng_state(rt.device)
         if rt.world > 1:
             states: list[dict[str, Tensor]] = [{} for _ in range(rt.world)]
@@ -256,13 +289,22 @@ def _train(
                 group["lr"] = lr
             x, y = rank_batch(data.train, cfg.batch_size, model_cfg.max_len, gen, rt)
             out_of_time = cfg.max_minutes is not None and (time.time() - start) > 60 * cfg.max_minutes
-            with rt.autocast():
-                loss = lm_loss(net(x).float(), y)
-            if rt.world > 1:  # the mean loss over all ranks, and whether any rank ran out of time
-                loss_sum, late = rt.all_sum([loss.item(), float(out_of_time)])
-                loss_value, out_of_time = loss_sum / rt.world, late > 0
-            else:
-                loss_value = loss.item()
+            parts: dict[str, Tensor | float] = {}  # the loss's terms, logged beside it when it has several
+            with rt.autocast(), regularised or contextlib.nullcontext():
+                logits = net(x).float()
+                loss = lm_loss(logits, y)
+                if teacher is not None:
+                    soft = soft_loss(logits, teacher(x), cfg.distill_temperature)
+                    parts.update(ce=loss.detach(), soft=soft.detach())
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
+            if regularised is not None:
+                penalty, rates = rate_penalty(*regularised.take(), targets, rt.world)
+                loss = loss + cfg.rate_weight * penalty
+                parts.update(rate_penalty=penalty.detach(), firing_rate=rates["firing_rate"])
+            # the means over all ranks (the rates are the global batch's already), and whether any ran out of time
+            values = rt.all_sum([loss.item(), *(float(v) for v in parts.values()), float(out_of_time)])
+            loss_value, out_of_time = values[0] / rt.world, values[-1] > 0
+            parts = {k: v / rt.world for k, v in zip(parts, values[1:-1], strict=True)}
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {step}; {kept()}. "
@@ -279,14 +321,18 @@ def _train(
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-            logger(step, {"train/loss": loss_value, "train/lr": lr})
+            rate = {"rate": f"{parts['firing_rate']:.3f}"} if "firing_rate" in parts else {}
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", **rate)
+            logger(step, {"train/loss": loss_value, "train/lr": lr, **{f"train/{k}": v for k, v in parts.items()}})
             if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-                last_eval = evaluate(model, data.val, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
-                meta["history"].append({"step": step, **last_eval})
-                logger(step, {f"val/{k}": v for k, v in last_eval.items()})
+                last_eval, rates = evaluate_with_rates(model, data.val, unit, cfg, rt)
+                mean = {"firing_rate": rates.pop("firing_rate")} if rates else {}
+                meta["history"].append({"step": step, **last_eval, **mean})
+                logger(step, {f"val/{k}": v for k, v in {**last_eval, **mean}.items()})
+                logger(step, {f"rate/{k}": v for k, v in rates.items()})  # per LIF layer
                 if rt.main:
-                    bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in last_eval.items()))
+                    said = {**last_eval, **mean}
+                    bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in said.items()))
             if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or out_of_time:
                 checkpoint()
             if out_of_time:
@@ -308,10 +354,32 @@ def _train(
         ) from None
     finally:
         bar.close()  # ends the bar's line, so that a message after it starts on its own
-    return {
+    result = {
         "val": last_eval,
         "step": step,
         "params": model.num_params(),
         "train_seconds": meta["train_seconds"],
         "rank": rt.rank,  # under torchrun every rank returns the same result; callers report rank 0's
     }
+    rates = next((h for h in reversed(meta["history"]) if "firing_rate" in h), None)
+    if rates is not None:
+        result["firing_rate"] = rates["firing_rate"]
+    if teacher is not None:
+        result["distill"] = teacher.record(cfg.distill_weight, cfg.distill_temperature, meta["train_seconds"])
+    return result
+
+
+def evaluate_with_rates(
+    model: SpikeDecoder, ids: Tensor, unit: str, cfg: TrainConfig, rt: Runtime
+) -> tuple[dict[str, float], dict[str, float]]:
+    """evaluate() on the validation split, and the firing rates of the model's LIF layers on it (rates.py): their
+    mean over every neuron, `firing_rate`, then each layer's; none for a model without LIF layers."""
+    with FiringRates(model) as meter:
+        metrics = evaluate(model, ids, unit, cfg.eval_batch_size, cfg.eval_batches, rt)
+    spikes, updates = meter.take()
+    names = list(meter.lifs)  # every rank sums every layer, also one that evaluated no batch
+    if not names:
+        return metrics, {}
+    totals = rt.all_sum([float(spikes.get(n, 0.0)) for n in names] + [float(updates.get(n, 0)) for n in names])
+    counts = dict(zip(names, totals[len(names) :], strict=True))
+    return metrics, summarise(dict(zip(names, totals[: len(names)], strict=True)), counts)
