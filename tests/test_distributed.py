@@ -116,6 +116,29 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(two_ranks: Path, tex
     assert ddp_val["loss"] == pytest.approx(single_val["loss"], rel=1e-5)
 
 
+def test_two_ranks_with_the_levers_equal_one_process_with_the_doubled_batch(text: Path, tmp_path: Path) -> None:
+    """The firing-rate regulariser (on the global batch's rates) and distillation (each rank's teacher on its own
+    share) take the same steps on 2 ranks as in one process with the doubled batch."""
+    teacher = tmp_path / "teacher"
+    ann = SpikeDecoderConfig.from_preset("ann", **MODEL)
+    train(ann, TrainConfig(**(TRAIN | dict(max_steps=2, data=str(text)))), teacher, progress=False)
+    levers = dict(rate_weight=5.0, rate_target=0.05, distill=str(teacher), distill_weight=0.5, distill_temperature=2.0)
+    sets = [arg for k, v in levers.items() for arg in ("--set", f"train.{k}={v}")]
+    out = tmp_path / "ddp"
+    output, _ = torchrun(out, text, 4, *sets).communicate(timeout=300)
+    single = tmp_path / "single"
+    tcfg = TrainConfig(**(TRAIN | levers | dict(batch_size=8, max_steps=4, data=str(text))))
+    train(SpikeDecoderConfig.from_preset("spikedecoder", **MODEL), tcfg, single, progress=False)
+    got = load_tensors(out / "checkpoint" / "model.safetensors")
+    want = load_tensors(single / "checkpoint" / "model.safetensors")
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-5), (key, (got[key] - want[key]).abs().max())
+    for key in ("train/loss", "train/rate_penalty", "train/firing_rate", "train/soft"):
+        ddp, one = [float(v) for _, v in log_rows(out, key)], [float(v) for _, v in log_rows(single, key)]
+        assert len(ddp) == 4 and ddp == pytest.approx(one, rel=1e-4), key
+    assert float(log_rows(single, "train/rate_penalty")[0][1]) > 0  # the regulariser acts, or the test is void
+
+
 def test_rank_0_writes_one_checkpoint_with_every_ranks_random_state(two_ranks: Path) -> None:
     assert sorted(p.name for p in two_ranks.iterdir()) == ["checkpoint", "log.csv"]
     rng = load_tensors(two_ranks / "checkpoint" / "rng.safetensors")

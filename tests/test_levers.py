@@ -14,7 +14,7 @@ import torch
 from conftest import PARAGRAPH, TEXT, tiny_config
 
 import spikedecoder.train as train_module
-from spikedecoder import ConfigError
+from spikedecoder import ConfigError, neurons
 from spikedecoder.checkpoint import load_tensors
 from spikedecoder.cli import main
 from spikedecoder.data import TokenData, eval_batches
@@ -222,6 +222,23 @@ def test_distilled_run_resumes_exactly(tmp_path: Path, data: TokenData, teacher:
     with pytest.raises(ConfigError, match=r"train.distill_weight: 0.5 -> 0.8"):  # a changed lever is a change
         train(tiny(), quick(**{**cfg.__dict__, "max_steps": 8, "distill_weight": 0.8}), tmp_path / "resumed",
               resume=True, progress=False, data=data)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["loop", "fused"])
+def test_every_lever_together_under_bf16_autocast(
+    tmp_path: Path, data: TokenData, teacher: Path, backend: str, monkeypatch
+) -> None:
+    """The mixed-precision path a GPU takes: learned decays, the regulariser and a teacher at once still learn (the
+    fused LIF's equations run eagerly here; test_neurons compiles them)."""
+    monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
+    cfg = quick(max_steps=12, precision="bf16", rate_weight=1.0, rate_target=0.05, distill=str(teacher))
+    model = tiny(learnable_tau="channel", lif_backend=backend)
+    result = train(model, cfg, tmp_path, progress=False, data=data)
+    losses = [v for _, v in log(tmp_path)["train/loss"]]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3])
+    assert 0 < result["firing_rate"] < 1 and result["distill"]["teacher_forward_steps"] == 12
+    decays = [p for n, p in load_checkpoint(tmp_path)[0].named_parameters() if n.endswith("decay_logit")]
+    assert decays and any(bool((p != 0).any()) for p in decays)  # the decays moved off their start, 1/tau = 1/2
 
 
 # ---------------------------------------------------------------------------------------------- compare
