@@ -9,7 +9,9 @@ A study file is TOML, laid out like configs/run.toml plus a list of variants:
     [train]            training settings shared by every variant
     [presets.NAME]     overrides applied to every variant of preset NAME
     [[variants]]       name, preset, group (a label for the tables and plots), description, and optional
-                       `model = {...}` / `train = {...}` overrides of this variant only
+                       `model = {...}` / `train = {...}` overrides of this variant only; `train = {distill =
+                       "NAME"}` learns from the run of variant NAME (listed, so trained, before it), and the
+                       teacher's cost goes into the variant's result.json (`distill`)
 
 Every variant trains in OUT/runs/NAME with the resumable `train()` loop. When it has reached max_steps, the study
 evaluates it on the whole validation split, measures its energy on validation text (`energy.energy_report`) and
@@ -226,13 +228,16 @@ def measure(run_dir: Path, variant: Variant, settings: dict[str, Any]) -> dict[s
     idx = validation_windows(ids, model.config.max_len, settings["energy_windows"])
     report = energy_report(model, idx, settings["energy_preset"], memory=settings["energy_memory"])
     report["data"] = f"validation split: {idx.shape[0]} windows x {idx.shape[1]} tokens"
-    return {
+    measured = {
         "step": int(meta.get("step", 0)),
         "train_seconds": float(meta.get("train_seconds", 0.0)),
         "params": model.num_params(),
         "val": val,
         "energy": report,
     }
+    if "distill" in meta:  # what the teacher cost besides this training (distill.py)
+        measured["distill"] = meta["distill"]
+    return measured
 
 
 def energy_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -244,10 +249,33 @@ def data_key(cfg: TrainConfig) -> tuple:
     return tuple(getattr(cfg, k) for k in ("data", "tokenizer", "vocab_size", "unk", "val_frac", "test_frac"))
 
 
+def teachers(variants: list[Variant], out: Path) -> dict[str, Path]:
+    """{variant: its teacher's run} for the variants whose train.distill names another variant of the study (OUT/
+    runs/NAME); that variant must come earlier, so that it has trained first. Any other distill is a directory."""
+    names = [v.name for v in variants]
+    found = {}
+    for i, v in enumerate(variants):
+        if v.train.distill in names:
+            if names.index(v.train.distill) >= i:
+                raise ConfigError(
+                    f"variant {v.name!r}: train.distill={v.train.distill!r} names a variant listed after it (or "
+                    f"itself); list {v.train.distill!r} before {v.name!r} so that the teacher trains first"
+                )
+            found[v.name] = out / "runs" / v.train.distill
+    return found
+
+
 def run_variant(
-    variant: Variant, run_dir: Path, settings: dict[str, Any], data_cache: dict, progress: bool, log=print
+    variant: Variant,
+    run_dir: Path,
+    settings: dict[str, Any],
+    data_cache: dict,
+    progress: bool,
+    log=print,
+    teacher_dir: Path | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """Train (or resume) and measure one variant; returns (its result, what was done: skipped/measured/trained)."""
+    """Train (or resume) and measure one variant; returns (its result, what was done: skipped/measured/trained).
+    teacher_dir: where its train.distill lies, when it names another variant."""
     result = stored_result(run_dir, variant)
     finished = result is not None and result.get("step") == variant.train.max_steps
     if finished and result.get("measure") == energy_settings(settings):
@@ -261,7 +289,8 @@ def run_variant(
             check_checkpoint(run_dir, variant)
         started = _checkpoint_step(run_dir)
         log(f"  training {variant.name}" + (f" (resuming at step {started})" if started else ""))
-        train(variant.model, variant.train, run_dir, resume=True, progress=progress, data=data_cache[key])
+        train(variant.model, variant.train, run_dir, resume=True, progress=progress, data=data_cache[key],
+              teacher_dir=teacher_dir)  # fmt: skip
         action = "trained"
     log(f"  measuring {variant.name}")
     t0 = time.time()
@@ -320,10 +349,11 @@ def run(args: argparse.Namespace) -> int:
         unknown = sorted(set(args.only) - set(names))
         if unknown:
             raise ConfigError(f"--only {unknown}: no such variant; variants: {', '.join(names)}")
+    out = Path(args.out)
+    taught = teachers(variants, out)
     threads = args.threads or settings["threads"]
     if threads:
         torch.set_num_threads(int(threads))
-    out = Path(args.out)
     check_writable(out)
     data_cache: dict = {}
     for v in variants:  # bad data, or a run trained with other settings, fails before anything is written
@@ -356,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(variants)}] {v.name} ({v.preset}, T={v.model.timesteps}, {v.train.max_steps} steps)",
               flush=True)  # fmt: skip
         t0 = time.time()
-        r, action = run_variant(v, run_dir, settings, data_cache, progress, log=lambda s: print(s, flush=True))
+        r, action = run_variant(v, run_dir, settings, data_cache, progress, lambda s: print(s, flush=True),
+                                taught.get(v.name))  # fmt: skip
         results.append(r)
         metric = "bits_per_char" if "bits_per_char" in r["val"] else "perplexity"
         print(f"  {action} in {time.time() - t0:.0f} s: val {metric} {r['val'][metric]:.3f}, "

@@ -160,3 +160,22 @@ def test_make_run_config_builds_both_presets():
     snn, ann = (model_config(config, name) for name in config["compare"]["presets"])
     assert (snn.preset, ann.preset) == ("spikedecoder", "ann")
     assert (snn.n_layer, snn.n_embd) == (ann.n_layer, ann.n_embd)  # twins: same depth and width
+
+
+def test_a_variant_learns_from_an_earlier_variant(tmp_path):
+    """train = {distill = "ann"} in a variant: the teacher is the study's own ann run, trained first, and its cost is
+    in the student's result; a teacher listed after its student is refused before anything is trained."""
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    toy = TOY.read_text().replace("model = { timesteps = 2 }", 'model = { timesteps = 2 }\ntrain = { distill = "ann" }')
+    config = tmp_path / "toy.toml"
+    config.write_text(toy.replace("max_steps = 20", "max_steps = 4"))
+    out = tmp_path / "study"
+    assert main(["study", str(config), "--out", str(out), "--data", str(data), "--no-progress"]) == 0
+    ann, snn = (json.loads((out / "runs" / n / "result.json").read_text()) for n in ("ann", "spikedecoder-T2"))
+    assert "distill" not in ann
+    assert snn["distill"]["teacher"] == str((out / "runs" / "ann").resolve())
+    assert snn["distill"]["teacher_train_seconds"] == pytest.approx(ann["train_seconds"])
+    variants = study.plan(study.load_study(config), str(data))
+    with pytest.raises(study.ConfigError, match="names a variant listed after it .* list 'ann' before"):
+        study.teachers(variants[::-1], out)
