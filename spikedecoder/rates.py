@@ -53,8 +53,8 @@ class FiringRates:
             s = out.abs() if module.bipolar else out  # binary and graded spikes are >= 0 already
             if self.keep_graph:
                 total = s.sum(dtype=torch.float32)
-            else:
-                total = s.detach().sum(dtype=torch.float64)
+            else:  # exact: float32 sums of a row's small integer counts, then float64 (a float64 pass is slow)
+                total = s.detach().sum(-1).sum(dtype=torch.float64)
             self.spikes[name] = self.spikes[name] + total if name in self.spikes else total
             self.updates[name] = self.updates.get(name, 0) + out.numel()
 
