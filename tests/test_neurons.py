@@ -372,8 +372,11 @@ def test_compiled_fused_backend_equals_the_loop(decay_input: bool, threshold: st
     assert neurons._kernels["backward"] is not neurons.lif_backward, "the backward kernel was not compiled"
 
 
+@pytest.mark.slow
 def test_compiled_fused_backend_with_a_learned_decay_equals_the_loop() -> None:
-    """The compiled kernels with a learned per-channel decay (its gradient written by hand)."""
+    """The compiled kernels with a learned per-channel decay (its gradient written by hand; 20 s on a cold cache, so
+    with -m slow: by default the same equations run eagerly, and a kernel that failed to compile would only fall
+    back to them, with a warning)."""
     compare_backends(True, "channel", compiled=True, learnable_tau="channel")
     assert neurons._kernels["forward"] is not neurons.lif_forward, "the forward kernel was not compiled"
     assert neurons._kernels["backward"] is not neurons.lif_backward, "the backward kernel was not compiled"
