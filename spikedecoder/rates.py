@@ -100,6 +100,8 @@ def rate_penalty(
     The value is mean_l max(0, R_l - t_l)^2 with R_l the rates over every rank's share; its gradient on each rank is
     that of its own share (the module docstring)."""
     names = [n for n in targets if n in spikes]
+    if not names:  # no regularised layer ran (every rank alike: they run the same model)
+        return torch.zeros(()), summarise({n: float(v) for n, v in spikes.items()}, updates)
     local = torch.stack([spikes[n] / updates[n] for n in names])
     sums = torch.stack([spikes[n].detach().double() for n in spikes])
     if world > 1:  # every rank's share is the same size: the global rates are the mean of the ranks'
