@@ -76,7 +76,8 @@ def load_teacher(path: str | Path, tokenizer: Any, max_len: int, device: torch.d
             "`spikedecoder train`, or in `spikedecoder compare` the name of one of its presets"
         )
     try:
-        model, teacher_tok, meta = load_checkpoint(path)
+        with torch.random.fork_rng(devices=[]):  # building it draws initial weights: keep the student's stream
+            model, teacher_tok, meta = load_checkpoint(path)
     except (CheckpointError, DataError, ValueError) as exc:
         raise ConfigError(f"{said}: the teacher cannot be loaded ({exc})") from exc
     if teacher_tok.to_dict() != tokenizer.to_dict():
