@@ -33,6 +33,17 @@ class ConfigError(ValueError):
     """An invalid configuration: the message names the field and the fix."""
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value, whether given as a value or as a factory (a list)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def with_defaults(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings with the fields added to `cls` since they were written at their defaults: the behaviour the
+    saved run had (an option that did not exist yet behaved as its default does now)."""
+    return {f.name: field_default(f) for f in dataclasses.fields(cls)} | values
+
+
 def reject_unknown(cls: type, values: dict[str, Any], what: str, valid: str = "valid") -> None:
     """A dataclass built from a dict (a file, --set): unknown keys are named with the valid ones."""
     known = {f.name for f in dataclasses.fields(cls)}

@@ -36,7 +36,7 @@ from .checkpoint import (
     save_tensors,
     write_json,
 )
-from .config import ConfigError
+from .config import ConfigError, SpikeDecoderConfig, with_defaults
 from .data import DataError, _encode_tensor, file_sha256, load_text, split_ids, tokenizer_from_dict
 from .lock import Locked, exclusive, locked_by_another
 from .model import SpikeDecoder
@@ -203,7 +203,8 @@ def restore_training_state(
     returns the training metadata."""
     device = device or next(model.parameters()).device
     ckpt = resolve(run_dir / "checkpoint")
-    saved_cfg, model_cfg = read_json(ckpt / "config.json"), model.config.to_dict()
+    saved_cfg = with_defaults(SpikeDecoderConfig, read_json(ckpt / "config.json"))  # fields added since: defaults
+    model_cfg = model.config.to_dict()
     if saved_cfg != model_cfg:
         raise CheckpointError(
             f"{ckpt} was trained with a different model config ({config_diff(saved_cfg, model_cfg)}); "

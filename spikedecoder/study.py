@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .checkpoint import read_json, resolve
-from .config import ConfigError, SpikeDecoderConfig
+from .config import ConfigError, SpikeDecoderConfig, field_default
 from .rundir import check_writable, checkpoint_dir, has_checkpoint, load_checkpoint, read_history, validation_ids
 from .runtime import evaluate
 from .settings import TrainConfig, load_config_file, model_config, train_config
@@ -160,18 +160,13 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _default(f: dataclasses.Field) -> Any:
-    """A dataclass field's default value, whether given as a value or as a factory (a list)."""
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
 def _check_same(run_dir: Path, old: dict, variant: Variant) -> None:
     """A run trained with other settings than the variant's is an error (never silently mixed in or continued)."""
     new = variant.fingerprint()
     old = {"model": dict(old.get("model", {})), "train": dict(old.get("train", {}))}
     # an option added after the run was trained, at its default here: the run used that default behaviour
     for section, cls in (("model", SpikeDecoderConfig), ("train", TrainConfig)):
-        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+        defaults = {f.name: field_default(f) for f in dataclasses.fields(cls)}
         for key in set(new.get(section, {})) - set(old[section]):
             if new[section][key] == defaults.get(key, dataclasses.MISSING):
                 del new[section][key]

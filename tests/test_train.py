@@ -4,6 +4,7 @@ whole-split evaluation and clear errors for bad training options."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,13 +102,18 @@ def test_resume_refuses_a_different_model(tmp_path: Path, data: TokenData) -> No
     train(tiny(n_embd=16, max_len=16), tcfg, tmp_path, progress=False, data=data)
     with pytest.raises(CheckpointError, match=r"different model config \(n_embd: 16 -> 32\).*--force or a new --out"):
         train(tiny(n_embd=32, max_len=16), tcfg, tmp_path, resume=True, progress=False, data=data)
-    # a checkpoint from an older version lacks a field added since: named as absent
+    # a checkpoint from an older version lacks fields added since: they behaved as their defaults, so one left at
+    # its default resumes, and one set otherwise now is named with the default it had
     config = tmp_path / "checkpoint" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["mlp_conv"], saved["float_stages"]
+    config.write_text(json.dumps(saved))
+    train(tiny(n_embd=16, max_len=16), dataclasses.replace(tcfg, max_steps=3), tmp_path, resume=True, data=data)
     saved = json.loads(config.read_text())
     del saved["attn_power"]
     config.write_text(json.dumps(saved))
-    with pytest.raises(CheckpointError, match=r"attn_power: 'absent' -> 2\b"):
-        train(tiny(n_embd=16, max_len=16), tcfg, tmp_path, resume=True, progress=False, data=data)
+    with pytest.raises(CheckpointError, match=r"attn_power: 1 -> 2\b"):
+        train(tiny(n_embd=16, max_len=16), dataclasses.replace(tcfg, max_steps=4), tmp_path, resume=True, data=data)
 
 
 def test_divergence_stops_with_advice_and_keeps_the_last_good_checkpoint(
