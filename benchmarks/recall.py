@@ -22,6 +22,8 @@ drawn from a separate seed (256 sequences per task). Variants:
     whole-context  the spiking model with a plain running sum over the whole context (the preset's old default)
     spikedecoder   the `spikedecoder` preset as shipped (window heads beside whole-context heads, key convolution,
                    coincidence normaliser of squared coincidence counts, threshold 0.5, ATan surrogate alpha 1)
+    make-run       make run's spiking model (configs/run.toml: its neurons, graded spikes, token convolutions and
+                   norms) with the preset's whole-context heads beside its window heads
 window-2 and whole-context keep the neuron settings they had (threshold 1, alpha 2, no key convolution). All at
 2 layers x 128 wide, 4 heads, context 64 and T = 1 (one timestep per token: the probes' scale, like the width; at
 T = 4 a 3,000-step run takes about 25 minutes per variant here); the presets' other defaults untouched.
@@ -37,15 +39,17 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
+from spikedecoder.config import PRESETS
 from spikedecoder.optim import param_groups
 from spikedecoder.runtime import cpu_has_bf16
-from spikedecoder.settings import parse_value
+from spikedecoder.settings import load_config_file, model_settings, parse_value
 
 PAD, SEP = 0, 1
 N_KEYS = N_VALUES = 32
@@ -57,11 +61,24 @@ COPY_LEN = 24
 TASKS = [("mqar", 4), ("mqar", 8), ("mqar", 16), ("copy", None)]
 MODEL = dict(vocab_size=VOCAB, max_len=SEQ, n_layer=2, n_head=4, n_embd=128, timesteps=1)
 OLD_ATTENTION = dict(attn_norm="none", attn_key_conv=False, v_threshold=1.0, surrogate_alpha=2.0, attn_power=1)
+RUN_TOML = Path(__file__).resolve().parents[1] / "configs" / "run.toml"
+WHOLE_CONTEXT_HEADS = ("attn_window", "attn_norm", "attn_key_conv", "attn_power")
+
+
+def make_run_settings() -> dict[str, Any]:
+    """configs/run.toml's spiking model (its neurons, graded spikes, convolutions, norms) at the probes' sizes, with
+    the `spikedecoder` preset's whole-context heads beside its window heads."""
+    settings = model_settings(load_config_file(str(RUN_TOML), []), "spikedecoder")
+    settings = {k: v for k, v in settings.items() if k not in MODEL and k not in WHOLE_CONTEXT_HEADS}
+    return settings | {k: PRESETS["spikedecoder"][k] for k in WHOLE_CONTEXT_HEADS}
+
+
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ann": ("ann", {}),
     "window-2": ("spikedecoder", {**OLD_ATTENTION, "attn_window": 2, "av_norm": True}),
     "whole-context": ("spikedecoder", {**OLD_ATTENTION, "attn_window": None, "av_norm": False}),
     "spikedecoder": ("spikedecoder", {}),
+    "make-run": ("spikedecoder", make_run_settings()),
 }
 
 

@@ -106,6 +106,7 @@ class SpikingSelfAttention(nn.Module):
         self.register_buffer("inverse", torch.tensor(self.long + self.local).argsort(), persistent=False)
         self.coincidence_norm = cfg.attn_norm == "coincidence"
         self.sparse_state = False  # the event engine (events.py) sets it: decoding touches only active state rows
+        self.binary_qkv = cfg.qkv_levels == 1  # the sparse step reads and writes rows of binary features only
         self.power = cfg.attn_power
         self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
         self.score_lif = make_lif(cfg, None, "scores") if self.binary_scores else None
@@ -170,7 +171,7 @@ class SpikingSelfAttention(nn.Module):
         """Whole-context heads: y_i = phi(q_i) S_i, S_i = sum_{j<=i} phi(k_j)^T v_j; decoding keeps S (and z,
         sum v). phi is the identity unless attn_power = 2."""
         scores = self._scores(q, k, causal_mask(q.shape[-2], 0, q.device))
-        if state is not None and self.sparse_state and "kv" in state and q.shape[-2] == 1:
+        if state is not None and self.sparse_state and self.binary_qkv and "kv" in state and q.shape[-2] == 1:
             return self._sparse_step(scores, q, k, v, state)
         if state is not None:
             with energy_scope("scores"):

@@ -105,6 +105,7 @@ class SpikeDecoderConfig:
     # bipolar also negative ones; Q, K and V stay binary (their products count coincidences)
     spike_levels: int = 1
     bipolar: bool = False
+    qkv_levels: int = 1  # graded Q, K, V: their products count the coincidences of the counts' binary planes
     # a diagnostic: stages computed in float (relu) instead of spikes, to find where spiking loses information;
     # any of FLOAT_STAGES ("embedding": the learned code is not binarised)
     float_stages: list[str] = dataclasses.field(default_factory=list)
@@ -202,9 +203,14 @@ class SpikeDecoderConfig:
         )
         self.float_stages = list(self.float_stages)
         need(
-            self.residual == 0 or (self.spike_levels == 1 and not self.bipolar),
-            f"spike_levels={self.spike_levels}, bipolar={self.bipolar} need residual=0: a spiking residual stream "
-            "(residual 1 or 2) carries binary spikes; set spike_levels=1 and bipolar=false, or residual=0",
+            isinstance(self.qkv_levels, int) and not isinstance(self.qkv_levels, bool) and self.qkv_levels >= 1,
+            f"qkv_levels must be an integer >= 1 (1: binary Q, K, V), got {self.qkv_levels!r}",
+        )
+        need(
+            self.residual == 0 or (self.spike_levels == 1 and self.qkv_levels == 1 and not self.bipolar),
+            f"spike_levels={self.spike_levels}, qkv_levels={self.qkv_levels}, bipolar={self.bipolar} need "
+            "residual=0: a spiking residual stream (residual 1 or 2) carries binary spikes; set spike_levels=1, "
+            "qkv_levels=1 and bipolar=false, or residual=0",
         )
         need(
             self.residual == 0 or (self.attention == "spiking" and self.mlp == "spiking"),

@@ -69,8 +69,9 @@ class LinearNorm(nn.Module):
         return True
 
 
-# Where each LIF sits; True where its spikes only feed a Linear, so it takes the config's graded spike settings
-# (Q, K and V stay binary: their products count coincidences; the score map and a spiking residual stream too).
+# Where each LIF sits; True where its spikes only feed a Linear, so it takes the config's spike_levels and bipolar
+# settings. Q, K and V take qkv_levels (never bipolar: their products count coincidences); the score map and a
+# spiking residual stream stay binary.
 STAGES = {
     "attn_in": True,
     "qkv": False,
@@ -101,6 +102,7 @@ def make_lif(cfg: SpikeDecoderConfig, channels: int | None, stage: str) -> LIF |
     if stage in cfg.float_stages:
         return FloatStage()
     graded = STAGES[stage]
+    levels = cfg.qkv_levels if stage == "qkv" else cfg.spike_levels if graded else 1
     threshold, decay = cfg.learnable_threshold, cfg.learnable_tau
     if channels is None:
         threshold = "layer" if threshold == "channel" else threshold
@@ -114,7 +116,7 @@ def make_lif(cfg: SpikeDecoderConfig, channels: int | None, stage: str) -> LIF |
         learnable_threshold=threshold,
         channels=channels,
         backend=cfg.lif_backend,
-        levels=cfg.spike_levels if graded else 1,
+        levels=levels,
         bipolar=cfg.bipolar and graded,
         learnable_tau=decay,
     )

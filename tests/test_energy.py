@@ -320,6 +320,19 @@ def test_graded_spikes_cost_one_accumulate_per_count_and_one_comparison_per_thre
     assert ops.firing == {"blocks.0.mlp.1": (3 + 2, 2)}  # h = 1.75 crosses 0.5, 1.0, 1.5; h = 1 crosses 0.5, 1.0
 
 
+def test_a_product_of_graded_operands_costs_the_coincidences_of_their_planes():
+    """Graded q and k (counts up to 3): q.k costs sum |q_i| |k_i| accumulates per pair (their thermometer planes'
+    coincidences); with a binary operand, one accumulate per non-zero pair as before."""
+    q = torch.tensor([[[2.0, 0, 1], [3.0, 1, 0]]])  # (1, 2, 3)
+    k = torch.tensor([[[1.0, 2, 2], [0.0, 3, 1]]])
+    ops = count_ops(InBlock("attn", CoincidenceAttention()), torch.stack([q, k, (k > 0).float()]))
+    # scores: pairs (i, j) sum_c |q_ic| |k_jc|: q0.k0 = 2 + 0 + 2, q0.k1 (masked: future), q1.k0 = 3 + 2, q1.k1 = 3
+    assert ops.place("block0.attention.scores")["ac"] == 4 + 5 + 3
+    # A V: the integer scores (4; 5, q1.k1 = 3) times binary v: one accumulate per non-zero pair: v0 has 3 ones
+    # (row 0 reads v0; row 1 reads v0 and v1, which has 2)
+    assert ops.place("block0.attention.values")["ac"] == 3 + 3 + 2
+
+
 def test_every_step_figure_charges_time_invariant_work_at_each_timestep():
     """The report's every-step totals charge block 0's Q/K/V (whose embedding input repeats over T = 4) four times:
     they exceed the once-figures by exactly three more steps of that work; at T = 1 the two agree."""

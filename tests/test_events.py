@@ -55,6 +55,10 @@ MODES = {
     "token-conv-spiking-attention": ("spiking-attention", dict(token_conv=4, mlp_conv=2)),
     "graded-T1-token-conv": ("spikedecoder", dict(spike_levels=4, timesteps=1, token_conv=3, mlp_conv=2)),
     "graded-bipolar-batchnorm": ("spikedecoder", dict(spike_levels=2, bipolar=True, norm="batch")),
+    "graded-qkv-dual-path": (
+        "spikedecoder",
+        dict(spike_levels=3, qkv_levels=3, timesteps=1, attn_window=[2, 0], attn_norm="coincidence", attn_power=2),
+    ),
     "graded-spiking-attention-mlp": ("spiking-attention-mlp", dict(spike_levels=3, bipolar=True)),
     "learned-decay-channel": ("spikedecoder", dict(learnable_tau="channel")),
     "learned-decay-layer-residual2-fused": (

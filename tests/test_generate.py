@@ -140,12 +140,20 @@ def test_token_convolutions_decode_exactly(preset: str, residual: int, norm: str
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch", "power", "none"])
-@pytest.mark.parametrize("levels, bipolar, timesteps", [(4, False, 1), (2, True, 2)])
-def test_graded_spikes_decode_exactly(norm: str, levels: int, bipolar: bool, timesteps: int) -> None:
-    """Graded (and bipolar) spikes where Linears read them, with the token convolutions: cached steps are bitwise
-    the full forward (the counts are small integers, exact in float32)."""
+@pytest.mark.parametrize("levels, bipolar, timesteps, qkv", [(4, False, 1, 3), (2, True, 2, 1)])
+def test_graded_spikes_decode_exactly(norm: str, levels: int, bipolar: bool, timesteps: int, qkv: int) -> None:
+    """Graded (and bipolar) spikes where Linears read them, graded Q/K/V in the window and whole-context heads, with
+    the token convolutions: cached steps are bitwise the full forward (the counts are small integers, exact in
+    float32)."""
     model = make_model(
-        max_len=112, norm=norm, timesteps=timesteps, spike_levels=levels, bipolar=bipolar, token_conv=2, mlp_conv=2
+        max_len=112,
+        norm=norm,
+        timesteps=timesteps,
+        spike_levels=levels,
+        bipolar=bipolar,
+        qkv_levels=qkv,
+        token_conv=2,
+        mlp_conv=2,
     )
     check_incremental(model)
 

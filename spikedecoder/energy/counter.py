@@ -16,7 +16,8 @@ How operations are counted (`count_ops`):
   So are ops on integer token ids only (bookkeeping) and data movement (views, copies, concatenation).
 - Graded spikes (small signed integer counts, `LIF(levels=L)` / bipolar) drive a Linear as |count| accumulates of
   the active input's row: sum(|x|) * out_features AC, the same as that many binary spikes (a thermometer code's
-  planes); the neuron pays one comparison per threshold (L, or 2L when bipolar).
+  planes); the neuron pays one comparison per threshold (L, or 2L when bipolar). A product of two graded operands
+  (graded Q, K, V) charges |a| |b| accumulates per pair, the coincidences of their planes.
 - A LIF neuron is priced as the arithmetic its update needs (`_lif_update`), plus one threshold comparison; the hard
   reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with decay_input, h = v + (x - v) / 2 =
   (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k), without
@@ -273,10 +274,14 @@ class _OpCounter(TorchDispatchMode):
         else:
             place = self._place(product=True)
             x_bin, y_bin = is_binary(x), is_binary(y)
-            spikes = x_bin or y_bin
-            pairs = (x != 0).to(torch.float32) @ (y != 0).to(torch.float32)  # non-zero pairs per output entry
+            counts = not (x_bin or y_bin) and is_graded(x) and is_graded(y)  # two graded operands (graded Q, K, V)
+            spikes = x_bin or y_bin or counts
+            if counts:  # |a| |b| accumulates per pair: the coincidences of their binary planes
+                pairs = x.abs().to(torch.float32) @ y.abs().to(torch.float32)
+            else:  # non-zero pairs per output entry
+                pairs = (x != 0).to(torch.float32) @ (y != 0).to(torch.float32)
             computed = int(pairs.sum(dtype=torch.float64))
-            fanout = (_nnz(x) * y.shape[-1] if x_bin else _nnz(y) * x.shape[-2]) if spikes else computed
+            fanout = (_nnz(x) * y.shape[-1] if x_bin else _nnz(y) * x.shape[-2]) if x_bin or y_bin else computed
         kind = "ac" if spikes else "mac"
         self._add(place, kind, computed)
         if spikes:
