@@ -17,12 +17,12 @@ How operations are counted (`count_ops`):
 - Graded spikes (small signed integer counts, `LIF(levels=L)` / bipolar) drive a Linear as |count| accumulates of
   the active input's row: sum(|x|) * out_features AC, the same as that many binary spikes (a thermometer code's
   planes); the neuron pays one comparison per threshold (L, or 2L when bipolar).
-- A LIF neuron is priced as the arithmetic its update needs (`_lif_update`), plus one threshold comparison; the hard
-  reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with decay_input, h = v + (x - v) / 2 =
-  (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k), without
-  decay_input two adds and one shift. Any other tau needs a multiply: one multiply-accumulate (`lif`), plus an add
-  with decay_input; so does a learned decay (`learnable_tau`), whatever it has learnt. Its internal ops are not
-  counted again. Its output spikes give the firing rate.
+- A LIF neuron is priced as the arithmetic its update runs (`neurons.charge`, counted by `neurons.charge_ops`), plus
+  one threshold comparison; the hard reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with
+  decay_input, h = (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k),
+  without decay_input two adds and one shift. Any other tau needs a multiply: one multiply-accumulate (`lif`), plus
+  an add with decay_input; so does a learned decay (`learnable_tau`, `neurons.learned_charge`), whatever it has
+  learnt. Its internal ops are not counted again. Its output spikes give the firing rate.
 - Work the event engine does once is charged once: a Linear (or Linear + Norm) whose input is the same at every
   timestep (a T axis of stride 0, as direct encoding expands the embedding) is charged for one step.
 - Weight reads (`mem`): a Linear reads, per token, the weight rows of the inputs that are non-zero at any of its T
@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..energy_places import open_scopes, resolve
 from ..layers import LinearNorm, batch_invariant
-from ..neurons import LIF, is_graded
+from ..neurons import LIF, charge_ops, is_graded
 from .counts import OpCounts, _nnz, _ptr, is_binary
 
 # ---------------------------------------------------------------------------------------------- the counter
@@ -125,7 +125,7 @@ class _OpCounter(TorchDispatchMode):
             finally:
                 self.paused = False
             place = self._place()
-            for kind, n in _lif_update(module.tau, module.decay_input, module.learnable_tau != "none").items():
+            for kind, n in charge_ops(module.tau, module.decay_input, module.learnable_tau != "none").items():
                 self._add(place, kind, n * updates)
             self._add(place, "cmp", updates * module.levels * (2 if module.bipolar else 1))  # one per threshold
             name = self.stack[-1][0]
@@ -420,17 +420,6 @@ class _OpCounter(TorchDispatchMode):
 def _time_invariant(x: Tensor) -> bool:
     """Every step along the T axis (dim 0) is the same memory: an expanded tensor, one value for all steps."""
     return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
-
-
-def _lif_update(tau: float, decay_input: bool, learned: bool = False) -> dict[str, int]:
-    """Operations of one membrane update besides the threshold comparison (module docstring); a learned decay is
-    priced as any tau that is not a power of two (a multiply), whatever value it has learnt."""
-    k = math.log2(tau)
-    if k == int(k) and not learned:  # the leak is a shift by k bits
-        if decay_input:
-            return {"add": 1, "shift": 1} if k == 1 else {"add": 2, "shift": 2}
-        return {"add": 2, "shift": 1}
-    return {"lif": 1, "add": 1} if decay_input else {"lif": 1}
 
 
 class _FusedKernels(TorchFunctionMode):
