@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 from ..energy_places import open_scopes, resolve
 from ..layers import LinearNorm, batch_invariant
 from ..neurons import LIF, charge_ops, is_graded
-from .counts import OpCounts, _nnz, _ptr, is_binary
+from .counts import OpCounts, _nnz, _ptr, add_count, attention_counts, is_binary
 
 # ---------------------------------------------------------------------------------------------- the counter
 _FREE = {
@@ -361,14 +361,7 @@ class _OpCounter(TorchDispatchMode):
         if isinstance(other, Tensor) and other.is_floating_point() and _ptr(other) in self.constant:
             if not bool(torch.isfinite(other).all()) and self._mask(x, other, out, keep_where_true=False):
                 return
-        spikes = [t for t in (x, other) if self._spikes(t)]
-        if len(spikes) == 2:
-            n = _nnz(torch.logical_and(spikes[0] != 0, spikes[1] != 0))
-        elif spikes:
-            n = _nnz(spikes[0]) * (out.numel() // spikes[0].numel())
-        else:
-            n = out.numel()
-        self._add(place, "add", n)
+        self._add(place, "add", add_count([t for t in (x, other) if self._spikes(t)], out.numel()))
 
     def _elementwise_mul(self, place: str, x: Tensor, other: Any, out: Tensor) -> None:
         """Multiplying by a binary tensor selects (free): a causal mask or a spike gate. Else a multiply each. A
@@ -424,16 +417,11 @@ class _OpCounter(TorchDispatchMode):
         if isinstance(mask, Tensor):
             keep = keep & (mask if mask.dtype == torch.bool else torch.isfinite(mask)).cpu()
         pairs = int(keep.expand(*q.shape[:-2], s_q, s_k).sum(dtype=torch.float64))
-        rows = q.numel() // q.shape[-1]
         scores, values = self._place("scores"), self._place("values")
-        self._add(scores, "mul", q.numel())
-        self._add(scores, "mac", pairs * q.shape[-1])
-        self._add(scores, "cmp", pairs)
-        self._add(scores, "add", 2 * pairs)
-        self._add(scores, "exp", pairs)
-        self._add(scores, "mul", pairs)
-        self._add(scores, "div", rows)
-        self._add(values, "mac", pairs * v.shape[-1])
+        charges = attention_counts(q.numel(), q.numel() // q.shape[-1], pairs, q.shape[-1], v.shape[-1])
+        for place, kinds in zip((scores, values), charges, strict=True):
+            for kind, n in kinds.items():
+                self._add(place, kind, n)
         batch = math.prod(q.shape[:-2])
         for place, width in ((scores, q.shape[-1]), (values, v.shape[-1])):
             n = pairs * width
