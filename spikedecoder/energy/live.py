@@ -51,6 +51,21 @@ def unsupported(model: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- the step's part
+class Counts(Counter):
+    """Operation counts by kind, and `binary(t)`: is_binary, decided once per tensor (and version) in a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, tuple[Tensor, int, bool]] = {}
+
+    def binary(self, t: Tensor) -> bool:
+        known = self.seen.get(id(t))
+        if known is None or known[0] is not t or known[1] != t._version:
+            known = (t, t._version, is_binary(t))
+            self.seen[id(t)] = known
+        return known[2]
+
+
 def _float(t: Tensor) -> Tensor:
     return t.to(torch.float32)
 
@@ -64,13 +79,13 @@ def _sum_pairs(t: Tensor) -> int:
     return int(t.sum(dtype=torch.float64))
 
 
-def _mul_unless_binary(t: Tensor, c: Counter) -> None:
+def _mul_unless_binary(t: Tensor, c: Counts) -> None:
     """t times a scalar (or t * t): free when t is a spike tensor (a select), a multiply per entry otherwise."""
-    if not (t.numel() > 1 and is_binary(t)):
+    if not (t.numel() > 1 and c.binary(t)):
         c["mul"] += t.numel()
 
 
-def _scores(attn: SpikingSelfAttention, q: Tensor, k: Tensor, mask: Tensor, c: Counter) -> tuple[Tensor, Tensor]:
+def _scores(attn: SpikingSelfAttention, q: Tensor, k: Tensor, mask: Tensor, c: Counts) -> tuple[Tensor, Tensor]:
     """(q @ k^T) * mask [squared]: the kept coincidences, nnz(q) fanned out to the kept keys; the scores and the
     entries a later product can reach (its support)."""
     pairs = _pairs(q, k.transpose(-1, -2))
@@ -91,17 +106,17 @@ def _scores(attn: SpikingSelfAttention, q: Tensor, k: Tensor, mask: Tensor, c: C
     return scores, keep
 
 
-def _values(scores: Tensor, keep: Tensor, v: Tensor, c: Counter) -> Tensor:
+def _values(scores: Tensor, keep: Tensor, v: Tensor, c: Counts) -> Tensor:
     """scores @ v on spike values: the non-zero pairs; each spike of the binary operand fans out."""
     c["ac"] += _sum_pairs(_pairs(scores, v))
-    if is_binary(scores):
+    if c.binary(scores):
         c["ac_fanout"] += _nnz(scores) * v.shape[-1]
     else:
         c["ac_fanout"] += _sum_pairs(_float(keep) @ _float(v != 0))
     return scores @ v
 
 
-def _state_product(x: Tensor, state: Tensor, c: Counter) -> Tensor:
+def _state_product(x: Tensor, state: Tensor, c: Counts) -> Tensor:
     """Binary features x (..., n, F) times a state of counts (..., F, w) (q kv, q z): the non-zero pairs, nnz(x)
     fanned out to the state's w columns; the product's values."""
     c["ac"] += _sum_pairs(_pairs(x, state))
@@ -115,7 +130,7 @@ def _rows(state: Tensor, feature: Tensor) -> Tensor:
     return state.reshape(-1, w).index_select(0, feature[0] * f + feature[1])
 
 
-def _state_read(x: Tensor, rows: Tensor, active: tuple[Tensor, Tensor], c: Counter) -> Tensor:
+def _state_read(x: Tensor, rows: Tensor, active: tuple[Tensor, Tensor], c: Counts) -> Tensor:
     """_state_product for one token from the rows of its active features (the event engine's reads): the same
     counts, and the same values (sums of small integers)."""
     c["ac"] += _nnz(rows)
@@ -125,19 +140,19 @@ def _state_read(x: Tensor, rows: Tensor, active: tuple[Tensor, Tensor], c: Count
     return out.view(*x.shape[:-1], rows.shape[-1])
 
 
-def _add(x: Tensor, other: Any, c: Counter, result: bool = True) -> Tensor | None:
-    spikes = [t for t in (x, other) if isinstance(t, Tensor) and t.numel() > 1 and is_binary(t)]
+def _add(x: Tensor, other: Any, c: Counts, result: bool = True) -> Tensor | None:
+    spikes = [t for t in (x, other) if isinstance(t, Tensor) and t.numel() > 1 and c.binary(t)]
     c["add"] += add_count(spikes, max(x.numel(), other.numel() if isinstance(other, Tensor) else 1))
     return x + other if result else None
 
 
-def _sum(x: Tensor, dim: int, c: Counter) -> Tensor:
+def _sum(x: Tensor, dim: int, c: Counts) -> Tensor:
     out = x.sum(dim, keepdim=True)
     c["add"] += x.numel() - out.numel()
     return out
 
 
-def _finish(y: Tensor, den: Tensor | None, c: Counter) -> Tensor:
+def _finish(y: Tensor, den: Tensor | None, c: Counts) -> Tensor:
     if den is None:
         return y
     c["cmp"] += den.numel()  # the clamp
@@ -145,7 +160,7 @@ def _finish(y: Tensor, den: Tensor | None, c: Counter) -> Tensor:
     return y / den.clamp(min=1)
 
 
-def _window(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: dict, c: Counter) -> Tensor:
+def _window(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: dict, c: Counts) -> Tensor:
     if old.get("k") is not None:
         k, v = torch.cat([old["k"], k], dim=-2), torch.cat([old["v"], v], dim=-2)
     mask = causal_mask(q.shape[-2], k.shape[-2] - q.shape[-2], q.device, attn.local_window)
@@ -154,7 +169,7 @@ def _window(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: di
     return _finish(y, _sum(scores, -1, c) if attn.coincidence_norm else None, c)
 
 
-def _running_sum(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: dict, c: Counter) -> Tensor:
+def _running_sum(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: dict, c: Counts) -> Tensor:
     """The dense path's decoding step (the one count_ops traces), from the state before the step."""
     n = q.shape[-2]
     scores, keep = _scores(attn, q, k, causal_mask(n, 0, q.device), c)
@@ -176,7 +191,7 @@ def _running_sum(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, ol
 
 
 def _running_step(
-    attn: SpikingSelfAttention, scores: Tensor, y: Tensor, qf: Tensor, kf: Tensor, v: Tensor, old: dict, c: Counter
+    attn: SpikingSelfAttention, scores: Tensor, y: Tensor, qf: Tensor, kf: Tensor, v: Tensor, old: dict, c: Counts
 ) -> Tensor:
     """_running_sum's counts for one token after the prefill, from the state rows of the token's active features
     (the dense state has F x d entries per head, F = d^2 with squared coincidences): the same counts."""
@@ -202,10 +217,12 @@ def _running_step(
     return _finish(y, den, c)
 
 
-def spiking_attention_counts(attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: dict) -> Counter:
+def spiking_attention_counts(
+    attn: SpikingSelfAttention, q: Tensor, k: Tensor, v: Tensor, old: dict, counts: Counts | None = None
+) -> Counts:
     """The step-dependent operations of one SpikingSelfAttention step, from its Q, K, V spikes (T, B, S, E) and
     its decoding state before the step (`old`), as the counter charges the dense path's ops."""
-    c: Counter = Counter()
+    c = Counts() if counts is None else counts
     q, k, v = (split_heads(_float(t), attn.n_head) for t in (q, k, v))
     if not attn.local:
         y = _running_sum(attn, q, k, v, old, c)
@@ -237,9 +254,9 @@ class _Recorder:
     """Forward hooks on one model (dense or event-driven) that collect, while `recording`, the step-dependent
     operations, each LIF layer's firing and the spikes of the step's last token."""
 
-    def __init__(self, model: nn.Module, counts: bool = True):
-        self.on = False
-        self.counts: Counter = Counter()
+    def __init__(self, model: nn.Module, counts: bool = True, memory: bool = False):
+        self.on, self.memory = False, memory
+        self.counts = Counts()
         self.firing: dict[str, float] = {}
         self.spikes: dict[str, Tensor] = {}
         self.hooks: list = []
@@ -268,7 +285,7 @@ class _Recorder:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[_Recorder]:
-        self.counts, self.firing, self.spikes, self.attention = Counter(), {}, {}, {}
+        self.counts, self.firing, self.spikes, self.attention = Counts(), {}, {}, {}
         self.on = True
         try:
             yield self
@@ -285,14 +302,14 @@ class _Recorder:
                 return  # it runs itself again on step 0, and is counted then
             x = x[:1]
         out = module.out_features
-        if x.dtype == torch.bool or is_binary(x):
-            n = _nnz(x) * out
+        n = _nnz(x) * out
+        if self.counts.binary(x):
             self.counts["ac"] += n
             self.counts["ac_fanout"] += n
         else:
-            self.counts["mac"] += _nnz(x) * out
-        active = (x != 0).any(0) if x.dim() == 4 else x
-        self.counts["mem"] += _nnz(active) * out  # the weight rows read, once per token
+            self.counts["mac"] += n
+        if self.memory:  # the weight rows read, once per token
+            self.counts["mem"] += _nnz((x != 0).any(0) if x.dim() == 4 else x) * out
 
     def _lif(self, name: str, role: tuple | None):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
@@ -300,7 +317,7 @@ class _Recorder:
                 return
             if role is not None:
                 self.attention.setdefault(id(role[0]), {})[role[1]] = out
-            spikes = out != 0
+            spikes = out if out.dtype == torch.bool else out != 0
             self.firing[name] = float(spikes.sum()) / max(spikes.numel(), 1)
             if out.dim() == 4:
                 self.spikes[name] = spikes[:, 0, -1]  # (T, C): the first sequence's last token
@@ -345,7 +362,7 @@ class _Recorder:
         if not self.on:
             return
         seen = self.attention.pop(id(module))
-        self.counts.update(spiking_attention_counts(module, seen["q"], seen["k"], seen["v"], seen["old"]))
+        spiking_attention_counts(module, seen["q"], seen["k"], seen["v"], seen["old"], self.counts)
 
     def _softmax_attention(self, module: SoftmaxAttention, args: tuple) -> None:
         if self.on:
@@ -389,8 +406,8 @@ class StepMeter:
         self.prices = PRESETS[preset].prices(memory)
         self.why_slow = unsupported(counted)
         self.fast = self.why_slow is None
-        self.recorder = _Recorder(model, counts=self.fast)
-        self.reference = _Recorder(counted) if self.fast and counted is not model else self.recorder
+        self.recorder = _Recorder(model, counts=self.fast, memory=memory)
+        self.reference = _Recorder(counted, memory=memory) if self.fast and counted is not model else self.recorder
         self.fixed: dict[tuple[int, int, bool], Counter] = {}
         self.last: StepEnergy | None = None
 
@@ -429,6 +446,8 @@ class StepMeter:
                 with self.reference.recording() as rec:
                     self.counted(idx, copy.deepcopy(cache))
             total.subtract(rec.counts)
+            if not self.memory:
+                total.pop("mem", None)  # unpriced: the weight reads are not recorded
             if any(n < 0 for n in total.values()):
                 raise RuntimeError(f"the live meter counts more than count_ops for a step of {tokens} token(s)")
             self.fixed[key] = total
