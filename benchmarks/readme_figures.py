@@ -85,7 +85,8 @@ def presets_block(run: Path, windows: int = 4) -> str:
     cfg = model.config
     bpc = json.loads((run / "results.json").read_text())["spikedecoder"]["val"]["bits_per_char"]
     row = [
-        f"spikedecoder ({cfg.norm} norm, T = {cfg.timesteps})",
+        f"spikedecoder ({cfg.norm} norm, T = {cfg.timesteps}, attention window {cfg.attn_window or 'none'}"
+        + (", key convolution)" if cfg.attn_key_conv else ")"),
         f"{bpc:.3f}",
         f"{snn['mean_firing_rate']:.3f}",
         f"{fp32['snn_pj_per_token']:,.0f} / {fp32['ann_pj_per_token']:,.0f} (**{fp32['saving_percent']:.1f} %**)",

@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fp32", choices=("fp32", "fp16", "int8"), help="energy per operation")
     p.add_argument("--max-streams", type=int, default=4,
                    help="streams generating at once; more get HTTP 429 (default 4)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the model steps (default 1: one token's step is too small to split over "
+                   "cores, and the browser needs one)")  # fmt: skip
 
     try:
         from . import study

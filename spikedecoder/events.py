@@ -1,4 +1,4 @@
-"""Event-driven inference: the same model, computed the way its spikes allow (issue 11, SPEC section 7).
+"""Event-driven inference: the same model, computed the way its spikes allow (SPEC section 7).
 
 `to_events(model)` returns an inference-only copy whose answers equal the dense path's up to float summation order.
 It replaces only the modules that receive spikes and leaves every other module (attention, its decoding state, the

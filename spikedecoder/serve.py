@@ -368,10 +368,12 @@ def run(args: argparse.Namespace) -> int:
     from .rundir import load_checkpoint
 
     check_host(args.host)
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port}: choose a port between 1 and 65535, e.g. 8000")
     if args.max_streams < 1:
         raise ValueError(f"--max-streams {args.max_streams}: allow at least 1 stream at once (default {MAX_STREAMS})")
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give at least 1 thread (default 1)")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: choose a port between 1 and 65535, e.g. 8000")
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
@@ -379,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             msg = f"--port {args.port}: cannot listen on {args.host} ({exc.strerror}); choose another port"
             raise ValueError(msg) from None
-    torch.set_num_threads(min(torch.get_num_threads(), 4))
+    torch.set_num_threads(args.threads)  # a decoding step is too small to split: more threads only contend
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     baseline = load_checkpoint(args.baseline)[0] if args.baseline else None
     engine = Engine(model, tokenizer, baseline, args.preset, args.max_streams)

@@ -299,6 +299,10 @@ def test_serve_listens_on_loopback_only(capsys) -> None:
         assert main(["serve", "runs/none", "--port", port]) == 2
     out, err = capsys.readouterr()
     assert out == "" and f"--port {port}: cannot listen on 127.0.0.1" in err and "choose another port" in err
+    for flag in ("--max-streams", "--threads"):
+        assert main(["serve", "runs/none", "--port", "0", flag, "0"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: {flag} 0: ") and err.count("\n") == 1
     serve.check_host("127.0.0.1")
     serve.check_host("::1")
     serve.check_host("localhost")

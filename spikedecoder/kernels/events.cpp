@@ -1,6 +1,6 @@
 // Kernels of the event-driven engine (events.py), compiled on first use by torch.utils.cpp_extension.
 //
-// Event-driven Linear on spikes for the CPU (issue 11): out[t, n] = bias + sum of rows[i] over the inputs i that
+// Event-driven Linear on spikes for the CPU: out[t, n] = bias + sum of rows[i] over the inputs i that
 // spike at step t of token n. Each token's union of active rows over the T steps is read once from memory and added
 // into the accumulator of every step at which its input spikes (no multiply). Within a step the rows are added in
 // increasing input order, the order embedding_bag(mode="sum") uses, so both give the same floats.
