@@ -89,7 +89,7 @@ def test_the_event_engine_step_gives_the_same_figure(name: str) -> None:
         assert fast == pytest.approx(reference, rel=1e-12, abs=1e-6), f"step {i}"
 
 
-def test_the_fixed_part_is_counted_once_per_step_shape(monkeypatch) -> None:
+def test_the_fixed_part_is_measured_once_per_step_shape(monkeypatch) -> None:
     import spikedecoder.energy.live as live
 
     calls = []
@@ -100,7 +100,7 @@ def test_the_fixed_part_is_counted_once_per_step_shape(monkeypatch) -> None:
     meter(torch.tensor([[1, 2, 3]]), cache)
     for t in range(6):
         meter(torch.tensor([[t]]), cache)
-    assert len(calls) == 2  # a 3-token prefill, then every 1-token step from one count
+    assert len(calls) == 4  # a 3-token prefill, then every 1-token step: each shape measured on two steps, once
     assert meter.last.tokens == 1 and set(meter.last.firing) and set(meter.spikes)
     assert all(s.dtype == torch.bool and s.dim() == 2 for s in meter.spikes.values())
 
@@ -115,4 +115,20 @@ def test_models_it_cannot_price_are_counted_every_step() -> None:
     meter(torch.tensor([[1, 2]]), cache)
     expected = priced(counted, torch.tensor([[3]]), cache)
     meter(torch.tensor([[3]]), cache)
+    assert meter.last.pj == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_cost_the_meter_does_not_record_is_caught_and_counted_every_step(monkeypatch) -> None:
+    """The shape's fixed part is measured on two different steps: were some value-dependent cost left out of the
+    step's own part (here, attention's), the two would differ, and the meter counts every step instead."""
+    import spikedecoder.energy.live as live
+
+    monkeypatch.setattr(live, "spiking_attention_counts", lambda *args, **kwargs: None)
+    counted = deployed(tiny_model("spikedecoder"))
+    meter = StepMeter(counted, counted)
+    cache = meter.new_cache()
+    meter(torch.tensor([[1, 2, 3]]), cache)
+    assert not meter.fast and "does not record" in meter.why_slow
+    expected = priced(counted, torch.tensor([[4]]), cache)
+    meter(torch.tensor([[4]]), cache)
     assert meter.last.pj == pytest.approx(expected, rel=1e-12)

@@ -420,11 +420,13 @@ class StepMeter:
         return self.recorder.spikes
 
     def __call__(self, idx: Tensor, cache: Any) -> Tensor:
-        if not self.fast:  # every step counted by count_ops on the deployed model (a copy of the cache)
+        fixed = self.calibrate(idx.shape[0], idx.shape[1], cache.length == 0) if self.fast else None
+        if fixed is None:  # every step counted by count_ops on the deployed model (a copy of the cache)
             self.last = step_energy(self.counted, idx, cache, self.preset, self.memory)
-            with self.recorder.recording(), torch.no_grad():
-                return self.model(idx, cache)
-        fixed = self.calibrate(idx.shape[0], idx.shape[1], cache.length == 0)
+            with self.recorder.recording() as rec, torch.no_grad():
+                logits = self.model(idx, cache)
+            self.last.firing = dict(rec.firing)
+            return logits
         with self.recorder.recording() as rec, torch.no_grad():
             logits = self.model(idx, cache)
         counts = fixed + rec.counts  # Counter addition keeps positive counts: every kind is >= 0 here
@@ -432,26 +434,44 @@ class StepMeter:
         self.last = StepEnergy(pj, int(idx.numel()), dict(rec.firing))
         return logits
 
-    def calibrate(self, batch: int, tokens: int, fresh: bool) -> Counter:
+    def calibrate(self, batch: int, tokens: int, fresh: bool) -> Counter | None:
         """The counts of a step of this shape that do not depend on what it computes: count_ops of such a step of
-        the deployed model (token 0 after one token of context, or into a fresh cache) minus the step's own part."""
+        the deployed model minus the step's own part. Measured on two different steps (other tokens, and after one
+        or after three tokens of context): if they differ, some cost of this model depends on its values in a way
+        the meter does not record, and from then on every step is counted (None; `why_slow` says so)."""
         key = (batch, tokens, fresh)
         if key not in self.fixed:
-            cache = self.counted.new_cache()
-            idx = torch.zeros(batch, tokens, dtype=torch.long, device=next(self.counted.parameters()).device)
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                if not fresh:
-                    self.counted(idx[:, :1], cache)
-                total = Counter(count_ops(self.counted, idx, cache=copy.deepcopy(cache)).by_kind())
-                with self.reference.recording() as rec:
-                    self.counted(idx, copy.deepcopy(cache))
-            total.subtract(rec.counts)
-            if not self.memory:
-                total.pop("mem", None)  # unpriced: the weight reads are not recorded
-            if any(n < 0 for n in total.values()):
-                raise RuntimeError(f"the live meter counts more than count_ops for a step of {tokens} token(s)")
-            self.fixed[key] = total
+            room = self.counted.config.max_len - tokens
+            contexts = [0] if fresh else [1, min(3, room)]
+            g = torch.Generator().manual_seed(0)
+            pasts = (contexts * 2)[:2]
+            found = [self._fixed(batch, tokens, past, g if i else None) for i, past in enumerate(pasts)]
+            if found[0] != found[1] or any(n < 0 for n in found[0].values()):
+                self.fast = False
+                self.why_slow = "a cost of this model depends on its values in a way the live meter does not record"
+                return None
+            self.fixed[key] = found[0]
         return self.fixed[key]
+
+    def _fixed(self, batch: int, tokens: int, past: int, g: torch.Generator | None) -> Counter:
+        """count_ops of one step of `tokens` tokens after `past` (token 0, or drawn from g) less its own part."""
+        device = next(self.counted.parameters()).device
+        vocab = self.counted.config.vocab_size
+        ids = torch.zeros(batch, past + tokens, dtype=torch.long) if g is None else torch.randint(
+            0, vocab, (batch, past + tokens), generator=g
+        )  # fmt: skip
+        ids = ids.to(device)
+        cache = self.counted.new_cache()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if past:
+                self.counted(ids[:, :past], cache)
+            total = Counter(count_ops(self.counted, ids[:, past:], cache=copy.deepcopy(cache)).by_kind())
+            with self.reference.recording() as rec:
+                self.counted(ids[:, past:], copy.deepcopy(cache))
+        total.subtract(rec.counts)
+        if not self.memory:
+            total.pop("mem", None)  # unpriced: the weight reads are not recorded
+        return +total if all(n >= 0 for n in total.values()) else total
 
     def close(self) -> None:
         for recorder in {id(r): r for r in (self.recorder, self.reference)}.values():
