@@ -238,12 +238,14 @@ def spiking_attention_counts(
 
 
 def softmax_attention_counts(attn: SoftmaxAttention, x: Tensor, state: dict | None) -> Counter:
-    """A K/V-cache softmax attention step on x (..., n, E): a closed form of the position (its past keys)."""
-    past = state["k"].shape[-2] if state is not None and "k" in state else 0
+    """A K/V-cache softmax attention step on x (..., n, E): a closed form of the position (its past keys, and
+    the window each head sees)."""
+    past = state["k"].shape[-2] if state is not None and "k" in state else 0  # the keys it kept (a window's)
     n, e = x.shape[-2], x.shape[-1]
     batch = x.numel() // (n * e)
     heads, d = attn.n_head, e // attn.n_head
-    pairs = batch * heads * (n * past + n * (n + 1) // 2)
+    mask = causal_mask(n, past, x.device, attn.window)  # (n, past + n), or (heads, n, past + n) per head
+    pairs = batch * int(mask.sum()) * (heads if mask.dim() == 2 else 1)
     c: Counter = Counter()
     for kinds in attention_counts(batch * n * e, batch * heads * n, pairs, d, d):
         c.update(kinds)
