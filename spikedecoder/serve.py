@@ -115,6 +115,9 @@ class Engine:
         first = next(iter(self.tokenizer.encode("\n") or [0]))
         for _ in token_events(self, Request(prompt="\n", tokens=3, seed=0), [first]):
             pass
+        for meter in (self.meter, self.baseline_meter):
+            if meter is not None and meter.fast:  # the refill after the window slides: its shape, measured now
+                meter.calibrate(1, max(1, meter.config.max_len // 2), True)
         self.layers = [{"name": n, "steps": s.shape[0], "neurons": s.shape[1]} for n, s in self.meter.spikes.items()]
 
     def open_stream(self) -> bool:
