@@ -244,14 +244,15 @@ def token_events(
             return
         context = torch.tensor([seq], dtype=torch.long)
         start = time.perf_counter()
-        with engine.lock, torch.no_grad(), batch_invariant(), torch.random.fork_rng(devices=[]):
+        with engine.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
             if rng is not None:
                 torch.set_rng_state(rng)
-            logits = window.next_logits(context)
+            with batch_invariant():  # the logits generate_ids would give, bit for bit
+                logits = window.next_logits(context)
             if rng is not None:
                 rng = torch.get_rng_state()
             step, spikes = snn.last, pack_spikes(snn.spikes)  # the meters are shared: read them under the lock
-            if base_window is not None:
+            if base_window is not None:  # only its energy is used: no need for batch-invariant Linears
                 base_window.next_logits(context)
                 base = ann.last
         token = int(sample_next(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
