@@ -210,6 +210,27 @@ function unpack(spikes) {
   });
 }
 
+// One small canvas per layer, a pixel per (step, neuron): the raster is drawn as a few scaled images, not a rectangle
+// per spike.
+const bitmaps = new Map();
+function bitmap(name, rows) {
+  const w = rows[0].length, h = rows.length;
+  let entry = bitmaps.get(name);
+  if (!entry || entry.canvas.width !== w || entry.canvas.height !== h) {
+    const canvas = document.createElement("canvas");
+    [canvas.width, canvas.height] = [w, h];
+    const image = canvas.getContext("2d").createImageData(w, h);
+    entry = { canvas, image, pixels: new Uint32Array(image.data.buffer) };
+    bitmaps.set(name, entry);
+  }
+  const on = 0xff47b3ff, off = 0xff2b1c15; // #ffb347 and #151c2b as little-endian RGBA words
+  rows.forEach((row, t) => {
+    for (let j = 0; j < w; j++) entry.pixels[t * w + j] = row[j] ? on : off;
+  });
+  entry.canvas.getContext("2d").putImageData(entry.image, 0, 0);
+  return entry.canvas;
+}
+
 function drawRaster(ev) {
   const canvas = $("raster");
   const g = canvas.getContext("2d");
@@ -222,6 +243,7 @@ function drawRaster(ev) {
   if (canvas.width !== width || canvas.height !== height) [canvas.width, canvas.height] = [width, height];
   const rasterW = canvas.width - label - heatW - barW - 24;
   g.clearRect(0, 0, canvas.width, canvas.height);
+  g.imageSmoothingEnabled = false;
   g.font = "11px system-ui";
   let y = 4;
   g.textBaseline = "middle";
@@ -231,15 +253,7 @@ function drawRaster(ev) {
     const bandH = bits.length * rowH;
     g.fillStyle = COLORS.muted;
     g.fillText(name.replace("blocks.", "block ").replace(".attn.", " attn ").replace(".mlp.", " mlp "), 4, y + bandH / 2);
-    g.fillStyle = "#151c2b";
-    g.fillRect(label, y, rasterW, bandH);
-    g.fillStyle = COLORS.snn;
-    bits.forEach((row, t) => {
-      const cell = rasterW / row.length;
-      for (let j = 0; j < row.length; j++) {
-        if (row[j]) g.fillRect(label + j * cell, y + t * rowH, Math.max(1, cell - 0.5), rowH - 1);
-      }
-    });
+    g.drawImage(bitmap(name, bits), label, y, rasterW, bandH); // a pixel per spike, scaled without smoothing
     rates.forEach((r, t) => {
       g.fillStyle = heat(r);
       g.fillRect(label + rasterW + 8, y + t * rowH, heatW - 4, rowH - (rowH > 2 ? 1 : 0));
