@@ -28,6 +28,8 @@ VARIANTS = {
     "spiking residual": ("spikedecoder", dict(residual=1, first_attn_lif=True)),
     "no decay input, tau 4": ("spikedecoder", dict(decay_input=False, tau=4.0, v_threshold=0.5)),
     "token and MLP convolutions": ("spikedecoder", dict(token_conv=3, mlp_conv=2, attn_key_conv=False)),
+    "graded bipolar spikes": ("spikedecoder", dict(spike_levels=3, bipolar=True, attn_window=2, attn_power=1)),
+    "a float stage (ReLU hidden layer)": ("spikedecoder", dict(float_stages=["mlp_hidden"])),
     "spiking attention only": ("spiking-attention", {}),
     "ann": ("ann", {}),
     "ann, windows per head, token convolution": ("ann", dict(attn_window=[3, 0], token_conv=2, mlp_conv=2)),

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..attention import SoftmaxAttention, SpikingSelfAttention, causal_mask, merge_heads, split_heads
 from ..events import EventLIF, EventLinear, time_invariant
 from ..model import Block
-from ..neurons import LIF
+from ..neurons import LIF, is_graded
 from .counter import count_ops
 from .counts import _nnz, add_count, attention_counts, is_binary
 from .pricing import PRESETS, StepEnergy, step_energy
@@ -304,8 +304,10 @@ class _Recorder:
                 return  # it runs itself again on step 0, and is counted then
             x = x[:1]
         out = module.out_features
-        n = _nnz(x) * out
-        if self.counts.binary(x):
+        binary = self.counts.binary(x)
+        graded = not binary and is_graded(x)  # small integer counts: each active row added |count| times
+        n = (int(x.abs().sum(dtype=torch.float64)) if graded else _nnz(x)) * out
+        if binary or graded:
             self.counts["ac"] += n
             self.counts["ac_fanout"] += n
         else:
