@@ -306,7 +306,12 @@ def encode_file(tokenizer: Any, path: str, unknown: str) -> tuple[Any, int]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run
 
-    return run(args)
+    code = run(args)
+    # stopped (Ctrl-C): nothing is left to save, and tearing down torch and the loaded kernels at interpreter exit
+    # takes over a second on a busy machine, so the process ends here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

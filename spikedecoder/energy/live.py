@@ -410,6 +410,10 @@ class StepMeter:
         self.prices = PRESETS[preset].prices(memory)
         self.why_slow = unsupported(counted)
         self.fast = self.why_slow is None
+        if counted is not model:  # the reference runs only to be counted: on the LIF's loop backend, as count_ops
+            for m in counted.modules():  # does (the same spikes, and no kernel compiled for it)
+                if isinstance(m, LIF):
+                    m.backend = "loop"
         self.recorder = _Recorder(model, counts=self.fast, memory=memory)
         self.reference = _Recorder(counted, memory=memory) if self.fast and counted is not model else self.recorder
         self.fixed: dict[tuple[int, int, bool], Counter] = {}
