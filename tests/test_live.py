@@ -30,6 +30,7 @@ VARIANTS = {
     "token and MLP convolutions": ("spikedecoder", dict(token_conv=3, mlp_conv=2, attn_key_conv=False)),
     "graded bipolar spikes": ("spikedecoder", dict(spike_levels=3, bipolar=True, attn_window=2, attn_power=1)),
     "a float stage (ReLU hidden layer)": ("spikedecoder", dict(float_stages=["mlp_hidden"])),
+    "learned decay per channel": ("spikedecoder", dict(learnable_tau="channel", attn_window=2, attn_power=1)),
     "spiking attention only": ("spiking-attention", {}),
     "ann": ("ann", {}),
     "ann, windows per head, token convolution": ("ann", dict(attn_window=[3, 0], token_conv=2, mlp_conv=2)),
