@@ -30,7 +30,7 @@ test-browser: $(STAMP)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 	$(PY) -c 'import selenium' 2>/dev/null || $(PY) -m pip install -q -e '.[browser]'
-	SPIKEDECODER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser
+	SPIKEDECODER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -s -m browser  # -s: the test prints the page's tokens/s
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spikedecoder tests benchmarks

@@ -177,11 +177,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def check_generate_args(args: argparse.Namespace) -> None:
     """generate's options checked by their flags' names, before the model is loaded."""
+    from .generate import MIN_TEMPERATURE
+
     checks = [
         (args.tokens >= 0, f"--tokens {args.tokens}: give a number of new tokens >= 0"),
         (
             math.isfinite(args.temperature) and args.temperature >= 0,
             f"--temperature {args.temperature:g}: give a finite number >= 0 (0 is greedy)",
+        ),
+        (
+            not 0 < args.temperature < MIN_TEMPERATURE,
+            f"--temperature {args.temperature:g}: too small to divide the logits by (they overflow); give 0 for "
+            f"greedy decoding or at least {MIN_TEMPERATURE}",
         ),
         (args.top_k is None or args.top_k >= 1, f"--top-k {args.top_k}: give a number of tokens >= 1"),
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p {args.top_p}: give a probability in (0, 1]"),
@@ -299,7 +306,12 @@ def encode_file(tokenizer: Any, path: str, unknown: str) -> tuple[Any, int]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run
 
-    return run(args)
+    code = run(args)
+    # stopped (Ctrl-C): nothing is left to save, and tearing down torch and the loaded kernels at interpreter exit
+    # takes over a second on a busy machine, so the process ends here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -459,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--preset", default="fp32", choices=("fp32", "fp16", "int8"), help="energy per operation")
+    p.add_argument("--max-streams", type=int, default=4,
+                   help="streams generating at once; more get HTTP 429 (default 4)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the model steps (default 1: one token's step is too small to split over "
+                   "cores, and the browser needs one)")  # fmt: skip
 
     try:
         from . import study

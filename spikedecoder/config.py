@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .codes import code_bits, unique_sinusoid_width
 
 TOKEN_CODES = ("onehot", "binary", "learned", "float")
 POSITION_CODES = ("onehot", "binary", "sinusoidal", "learned")
@@ -262,8 +263,6 @@ class SpikeDecoderConfig:
             if kind == "binary":
                 return code_bits(n)
             if kind == "sinusoidal":
-                from .encoding import unique_sinusoid_width  # the smallest width with unique codes (a search)
-
                 return sinusoid or unique_sinusoid_width(n)
             return trained
 
@@ -325,11 +324,6 @@ class SpikeDecoderConfig:
                 f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, retrain or restore"
             ) from exc
         return cls.from_dict(values)
-
-
-def code_bits(n: int) -> int:
-    """Bits of a binary code for n distinct ids (at least 1)."""
-    return max(1, math.ceil(math.log2(n)))
 
 
 _ANN = dict(

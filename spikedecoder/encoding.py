@@ -12,39 +12,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, SpikeDecoderConfig, code_bits
+from .codes import binary_code, count_unique, onehot_code, sinusoidal_code, unique_sinusoid_width
+from .config import ConfigError, SpikeDecoderConfig
 from .layers import Linear
 from .surrogate import make_surrogate
-
-
-def onehot_code(n: int) -> Tensor:
-    return torch.eye(n)
-
-
-def binary_code(n: int) -> Tensor:
-    """LSB-first bits of each id: bit j of row i is (i >> j) & 1, so every id has its own code."""
-    ids = torch.arange(n)[:, None]
-    return ((ids >> torch.arange(code_bits(n))) & 1).float()
-
-
-def sinusoidal_code(n: int, dim: int, base: float = 10000.0) -> Tensor:
-    """Vaswani sinusoid (sin on even, cos on odd channels of each frequency pair) binarised at zero."""
-    if dim % 2:
-        raise ConfigError(f"a sinusoidal position code needs an even width, got {dim}")
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    pe = torch.zeros(n, dim, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)
-    return (pe > 1e-9).float()
-
-
-def unique_sinusoid_width(n: int, start: int = 16) -> int:
-    """Smallest even width whose binarised sinusoid gives n distinct codes (zero-thresholding loses resolution)."""
-    width = start
-    while count_unique(sinusoidal_code(n, width)) < n:
-        width += 16
-    return width
 
 
 def code_table(kind: str, n: int, width: int | None) -> Tensor:
@@ -55,10 +26,6 @@ def code_table(kind: str, n: int, width: int | None) -> Tensor:
     if kind == "sinusoidal":
         return sinusoidal_code(n, width or unique_sinusoid_width(n))
     raise ValueError(f"{kind!r} is not a fixed code")
-
-
-def count_unique(codes: Tensor) -> int:
-    return torch.unique(codes, dim=0).shape[0]
 
 
 def assert_unique(codes: Tensor, what: str, fix: str) -> None:

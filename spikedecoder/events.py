@@ -1,4 +1,4 @@
-"""Event-driven inference: the same model, computed the way its spikes allow (issue 11, SPEC section 7).
+"""Event-driven inference: the same model, computed the way its spikes allow (SPEC section 7).
 
 `to_events(model)` returns an inference-only copy whose answers equal the dense path's up to float summation order.
 It replaces only the modules that receive spikes and leaves every other module (attention, its decoding state, the
@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import SpikingSelfAttention
 from .kernel_build import load_kernel
 from .layers import Linear, LinearNorm
-from .neurons import LIF, fire, is_graded, learned_charge
+from .neurons import LIF, charge, fire, is_graded, learned_charge
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -198,7 +198,6 @@ class EventLIF(nn.Module):
         self.levels, self.bipolar = lif.levels, lif.bipolar
         self.graded = lif.levels > 1 or lif.bipolar  # float counts out, and the tensor-op steps (not the kernel)
         self.register_buffer("v_threshold", lif.v_threshold.detach().clone())
-        self.register_buffer("tau_t", torch.tensor(lif.tau))  # dividing by a tensor skips wrapping the scalar
         decay = lif.decay()  # a learned leak: a float per layer or channel, run by the tensor-op steps
         self.register_buffer("decay", None if decay is None else decay.detach().clone())
         self.emit_bool = False
@@ -221,16 +220,12 @@ class EventLIF(nn.Module):
         """The same LIF as tensor ops, step by step (where the kernel is not built): bool spikes, or float counts
         for graded spikes."""
         spikes = torch.empty(x.shape, dtype=x.dtype if self.graded else torch.bool, device=x.device)
-        v = None  # membrane 0 before the first step
+        v = torch.zeros_like(x[0])
         for xt, st in zip(x.unbind(0), spikes.unbind(0), strict=True):
-            if self.decay is not None:  # learned_charge from a membrane of 0: the dense LIF's roundings
-                h = learned_charge(torch.zeros_like(xt) if v is None else v, xt, self.decay, self.decay_input)
-            elif v is None:  # 0 + (x - 0) / tau and 0 - 0 / tau + x, exactly
-                h = xt / self.tau_t if self.decay_input else xt.clone()
-            elif self.decay_input:  # v + (x - v) / tau
-                h = torch.sub(xt, v).div_(self.tau_t).add_(v)
-            else:  # v - v / tau + x
-                h = torch.sub(v, v / self.tau_t).add_(xt)
+            if self.decay is not None:  # a learned leak, as the dense LIF computes it
+                h = learned_charge(v, xt, self.decay, self.decay_input)
+            else:  # the dense LIF's arithmetic, the priced form
+                h = charge(v, xt, self.tau, self.decay_input)
             if self.graded:
                 st.copy_(fire(h, self.v_threshold, self.levels, self.bipolar))
                 v = h.masked_fill_(st != 0, 0.0)

@@ -34,6 +34,10 @@ FIRST_CAPACITY = 1024  # new tokens the output buffer holds at first; it doubles
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
+MIN_TEMPERATURE = 1e-3  # below it, logits / temperature can overflow float32 (inf - inf: no distribution)
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # torch.Generator takes a 64-bit seed, signed or not
+
+
 def _check_sampling(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None
 ) -> None:
@@ -41,12 +45,18 @@ def _check_sampling(
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature {temperature!r} is too small to divide the logits by (they overflow): use 0 for "
+            f"greedy decoding or at least {MIN_TEMPERATURE}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None to keep every token), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (or None to keep every token), got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer (or None for torch's global RNG), got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not MIN_SEED <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (or None for torch's global "
+                         f"RNG), got {seed!r}")  # fmt: skip
 
 
 def _check_keep(keep: int | None, max_len: int) -> int:

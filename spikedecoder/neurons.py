@@ -2,6 +2,11 @@
 
 Charge:  h = v + (x - v) / tau            (decay_input=True, SpikingJelly's default)
          h = v - v / tau + x              (decay_input=False)
+         computed in the form the energy measure prices (`charge`, `charge_ops`): with tau = 2 and decay_input,
+         h = (v + x) * 0.5, an add and a shift; other powers of two (v - v * 2^-k) + x * 2^-k (decay_input) or
+         (v - v * 2^-k) + x; any other tau as written above. The same value in exact arithmetic; in float32 the
+         priced form rounds once where v + (x - v) / 2 rounds twice, so a membrane within an ulp of the threshold
+         can fire in one form and not in the other (SpikingJelly runs the form above).
 Fire:    s = H(h - v_th)                  (surrogate gradient backward)
 Reset:   v = h * (1 - s), s detached      (hard reset to 0, detach_reset=True)
 
@@ -112,7 +117,7 @@ class LIF(nn.Module):
             if decay is not None:
                 h = learned_charge(v, xt, decay, self.decay_input)
             else:
-                h = v + (xt - v) / self.tau if self.decay_input else v - v / self.tau + xt
+                h = charge(v, xt, self.tau, self.decay_input)
             s = self.surrogate(h - th)
             for k in range(2, self.levels + 1):
                 s = s + self.surrogate(h - th * k)
@@ -130,15 +135,44 @@ class LIF(nn.Module):
         return f"tau={self.tau}, decay_input={self.decay_input}, backend={self.backend}{learn}{graded}"
 
 
-# ---------------------------------------------------------------------------------------------- fused backend
-def _charge(v: Tensor, x: Tensor, tau: float, decay_input: bool) -> Tensor:
-    return v + (x - v) / tau if decay_input else v - v / tau + x
+# ---------------------------------------------------------------------------------------------- the charge
+def leak_shift(tau: float) -> float | None:
+    """2^-k when tau = 2^k (the leak is then a shift by k bits), else None."""
+    mantissa, exponent = math.frexp(tau)
+    return 2.0 ** (1 - exponent) if mantissa == 0.5 else None
+
+
+def charge(v: Tensor, x: Tensor, tau: float, decay_input: bool) -> Tensor:
+    """The membrane before firing, h, from the membrane v after the last step and the input x: the arithmetic that
+    `charge_ops` counts, the only place it is written for torch (the loop, the fused kernels and the event engine's
+    fallback all call it; kernels/events.cpp has the same cases)."""
+    shift = leak_shift(tau)
+    if shift is None:
+        return v + (x - v) / tau if decay_input else v - v / tau + x
+    if decay_input:
+        return (v + x) * 0.5 if tau == 2 else (v - v * shift) + x * shift
+    return (v - v * shift) + x
 
 
 def learned_charge(v: Tensor, x: Tensor, decay: Tensor, decay_input: bool) -> Tensor:
     """The membrane before firing with a learned leak d (1/tau): v + (x - v) * d, or v - v * d + x. Every engine
     (loop, fused, events) computes it in this order, so they round alike."""
     return v + (x - v) * decay if decay_input else v - v * decay + x
+
+
+def charge_ops(tau: float, decay_input: bool, learned: bool = False) -> dict[str, int]:
+    """Operations of one `charge` by kind (the energy measure adds one threshold comparison; the hard reset is a
+    select): a shift for each multiply by 2^-k, an add for each add or subtract; with any other tau, or a learned
+    decay (`learned_charge`, whatever value it has learnt), the multiply by 1/tau and its add are one
+    multiply-accumulate (`lif`)."""
+    if leak_shift(tau) is not None and not learned:
+        if decay_input:
+            return {"add": 1, "shift": 1} if tau == 2 else {"add": 2, "shift": 2}
+        return {"add": 2, "shift": 1}
+    return {"lif": 1, "add": 1} if decay_input else {"lif": 1}
+
+
+# ---------------------------------------------------------------------------------------------- fused backend
 
 
 def fire(h: Tensor, th: Tensor, levels: int = 1, bipolar: bool = False) -> Tensor:
@@ -175,7 +209,7 @@ def lif_forward(
     """Spikes and pre-reset membranes (T, ...) for the whole sequence of steps (`decay`: a learned 1/tau)."""
     v, spikes, membranes = torch.zeros_like(x[0]), [], []
     for t in range(x.shape[0]):
-        h = _charge(v, x[t], tau, decay_input) if decay is None else learned_charge(v, x[t], decay, decay_input)
+        h = charge(v, x[t], tau, decay_input) if decay is None else learned_charge(v, x[t], decay, decay_input)
         s = fire(h, th, levels, bipolar)
         v = h * (1 - (s != 0).to(x.dtype))
         spikes.append(s)

@@ -1,10 +1,13 @@
 """The served page end to end in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
 `spikedecoder serve` in a subprocess, type a prompt, generate, watch tokens and the energy meter arrive.
 
-Run with `make test-browser` (installs what it needs). Skipped when chromium, chromedriver or selenium is missing,
-unless SPIKEDECODER_REQUIRE_BROWSER=1 (as the make target sets), which turns the skip into a failure.
+Run with `make test-browser` (installs what it needs), which prints the page's speed: tokens per second as the page
+counts them (from the click to the last token drawn) over a 300-token stream with the ANN baseline on. Skipped when
+chromium, chromedriver or selenium is missing, unless SPIKEDECODER_REQUIRE_BROWSER=1 (as the make target sets), which
+turns the skip into a failure.
 
-Also a script for the README's screenshot: `python tests/test_browser.py RUN --baseline ANN_RUN --out docs/serve.png`.
+Also a script: the README's screenshot, `python tests/test_browser.py RUN --baseline ANN_RUN --out docs/serve.png`,
+and the page's speed on trained checkpoints, `python tests/test_browser.py RUN --baseline ANN_RUN --speed 300`.
 """
 
 from __future__ import annotations
@@ -125,6 +128,16 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     return out / "spikedecoder", out / "ann"
 
 
+def page_speed(driver, tokens: int) -> float:
+    """Generate `tokens` tokens from the page (prompt and settings as they are) and return its tokens/s."""
+    from selenium.webdriver.common.by import By
+
+    fill(driver, "tokens", str(tokens))
+    driver.find_element(By.ID, "go").click()
+    wait_for(lambda: text_of(driver, "status") == f"done: {tokens} tokens", timeout=300, what=f"{tokens} tokens")
+    return float(text_of(driver, "speed").split()[0])
+
+
 def test_page_generates_and_shows_energy(runs) -> None:
     missing = browser_missing()
     if missing:
@@ -153,6 +166,11 @@ def test_page_generates_and_shows_energy(runs) -> None:
             "for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n;"
         )
         assert raster_lit > 1000  # the spike raster and heat map were drawn
+        # the page keeps up: tokens per second with the energy of both models and the raster, printed
+        fill(driver, "prompt", "the lamp")
+        speed = page_speed(driver, 300)
+        print(f"\nthe page in headless Chromium: {speed:.1f} tokens/s (300 tokens, spiking model and ANN baseline)")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#text .tok")) == 300
         # a bad request: the page shows the server's one-line message
         fill(driver, "prompt", "the ZOO")
         driver.find_element(By.ID, "go").click()
@@ -174,11 +192,19 @@ def screenshot(run: str, baseline: str | None, out: str, tokens: int = 80) -> No
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Screenshot of `spikedecoder serve` mid-generation.")
+    parser = argparse.ArgumentParser(description="Screenshot of `spikedecoder serve` mid-generation, or its speed.")
     parser.add_argument("run")
     parser.add_argument("--baseline")
     parser.add_argument("--out", default="docs/serve.png")
     parser.add_argument("--tokens", type=int, default=80, help="tokens generated when the shot is taken")
+    parser.add_argument("--speed", type=int, metavar="TOKENS", help="print the page's tokens/s over TOKENS tokens")
     args = parser.parse_args()
-    screenshot(args.run, args.baseline, args.out, args.tokens)
-    print(f"wrote {args.out}")
+    if args.speed:
+        with serving(Path(args.run), Path(args.baseline) if args.baseline else None) as url, chromium() as driver:
+            driver.get(url)
+            wait_for(lambda: text_of(driver, "info").startswith("model"))
+            page_speed(driver, 5)  # the first request with a prompt length measures that prefill's shape once
+            print(f"{page_speed(driver, args.speed):.1f} tokens/s over {args.speed} tokens")
+    else:
+        screenshot(args.run, args.baseline, args.out, args.tokens)
+        print(f"wrote {args.out}")

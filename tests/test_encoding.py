@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_sinusoid_is_the_vaswani_pairing_binarised_at_zero() -> None:
     angle = pos / 10000 ** (2 * i / dim)
     expected = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(n, dim)  # sin, cos interleaved
     assert torch.equal(sinusoidal_code(n, dim), (expected > 1e-9).float())
-    with pytest.raises(ConfigError, match="even width, got 7"):
+    with pytest.raises(ValueError, match="even width, got 7"):
         sinusoidal_code(n, 7)
 
 
@@ -239,3 +240,14 @@ def test_rate_coding_gives_bernoulli_spikes_with_a_gradient(overrides: dict) -> 
     (out * torch.randn_like(out)).sum().backward()
     trained = emb.in_proj.weight if emb.in_proj is not None else emb.token.table.weight
     assert trained.grad.abs().sum() > 0
+
+
+def test_config_does_not_import_the_embedding() -> None:
+    """No import cycle: the configuration reads a code's width from spikedecoder.codes, as the embedding does."""
+    import ast
+
+    import spikedecoder.config
+
+    tree = ast.parse(Path(spikedecoder.config.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "encoding" not in imported and "codes" in imported

@@ -3,6 +3,7 @@ pricing, the report and CLI, and a cross-check against SpikingJelly's op counter
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tomllib
@@ -100,13 +101,16 @@ def test_qk_and_av_on_spikes_count_exact_coincidences_and_fan_out():
     #                   i=1    0   2   1
     #                   i=2    1   0   2      all 10; causal (j <= i): 1 + 0+2 + 1+0+2 = 6
     # masked A = [[1,0,0],[0,2,0],[1,0,2]]: non-zero A_ij times nnz(v_j) = 1 + 2 + 1 + 2 = 6 (nnz(v) = 1, 2, 2)
-    # fan-out (paper): nnz(Q) * S = 6 * 3 = 18; A is not binary, so nnz(V) * S = 5 * 3 = 15
+    # fan-out (paper), over the pairs the causal mask keeps: each spike of q_i reaches keys 0..i, nnz(q_i) = 2, 2, 2:
+    # 2*1 + 2*2 + 2*3 = 12; A is not binary, so each spike of v_j reaches queries j..2: 1*3 + 2*2 + 2*1 = 9
     model = InBlock("attn", CoincidenceAttention())
     ops = count_ops(model, torch.stack([q, k, v]))
-    assert ops.place("block0.attention.scores") == {"ac": 6, "ac_fanout": 18}
-    assert ops.place("block0.attention.values") == {"ac": 6, "ac_fanout": 15}
+    assert ops.place("block0.attention.scores") == {"ac": 6, "ac_fanout": 12}
+    assert ops.place("block0.attention.values") == {"ac": 6, "ac_fanout": 9}
+    assert [r["fanout"] for r in ops.products] == [12, 9]
     full = count_ops(model, torch.stack([q, k, v]), skip_masked=False)
-    assert full.place("block0.attention.scores")["ac"] == 10  # what the dense product computes
+    assert full.place("block0.attention.scores") == {"ac": 10, "ac_fanout": 18}  # the dense product, all pairs
+    assert full.place("block0.attention.values") == {"ac": 6, "ac_fanout": 15}  # nnz(V) * S = 5 * 3
     assert [r["charged"] for r in ops.products] == [6, 6]
     assert [r["computed"] for r in ops.products] == [10, 6]
 
@@ -170,9 +174,9 @@ def softmax_attention_ops(s: int, e: int, h: int) -> dict[str, dict[str, int]]:
         "block0.attention.norms": {"add": rows * 2 * e, "mac": rows * 2 * e, "mul": rows * (e + 2), "sqrt": rows,
                                    "div": rows},
         "block0.attention.qkv": {"mac": s * e * 3 * e, "mem": s * e * 3 * e, "add": s * 3 * e},
-        # q and k scaled by sqrt(1/sqrt(d)) each; then softmax over the unmasked pairs: max, subtract, exp, sum,
-        # one reciprocal per row and a multiply per entry
-        "block0.attention.scores": {"mul": 2 * s * e + pairs, "mac": pairs * d, "cmp": pairs, "add": 2 * pairs,
+        # the query scaled by 1/sqrt(d) (the keys as they are, as a K/V cache keeps them); then softmax over the
+        # unmasked pairs: max, subtract, exp, sum, one reciprocal per row and a multiply per entry
+        "block0.attention.scores": {"mul": s * e + pairs, "mac": pairs * d, "cmp": pairs, "add": 2 * pairs,
                                     "exp": pairs, "div": h * s},
         "block0.attention.values": {"mac": pairs * d},
         "block0.attention.proj": {"mac": s * e * e, "mem": s * e * e, "add": s * e},
@@ -186,6 +190,42 @@ def test_softmax_attention_counts_match_the_hand_count():
     ops = count_ops(model, torch.randn(1, 1, 3, 4))
     assert ops.counts == softmax_attention_ops(s=3, e=4, h=2)
     assert not ops.unpriced
+
+
+def test_softmax_attention_is_charged_the_same_whatever_kernel_torch_runs():
+    """scaled_dot_product_attention is charged by its rule from its arguments: torch's math form (which rescales
+    every cached key) and its fused kernel give the same counts, in a full forward and in a cached step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model("ann")
+    idx = ids(batch=1, length=12)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(idx[:, :8], cache)
+    for step in (lambda: count_ops(model, idx), lambda: count_ops(model, idx[:, 8:9], cache=copy.deepcopy(cache))):
+        fused = step()
+        with sdpa_kernel(SDPBackend.MATH):
+            math_form = step()
+        assert fused.counts == math_form.counts and not fused.unpriced
+    e, cached = model.config.n_embd, count_ops(model, idx[:, 8:9], cache=cache)
+    pairs = model.config.n_head * 9  # the new query against 9 keys, per head
+    assert cached.place("block0.attention.scores")["mul"] == e + pairs  # the query scaled, then softmax's multiplies
+
+
+def test_fanout_columns_agree_and_skip_what_the_mask_discards():
+    """The nnz * fan-out count is kept twice (per kind and place, and per matrix product): both agree, for a spiking
+    model with window and whole-context heads and for the ANN, where (no spikes) it is the exact count."""
+    for model in (tiny("spikedecoder", attn_window=[2, 0], attn_norm="coincidence"), tiny("ann")):
+        r = energy_report(model, ids())
+        ops = count_ops(deployed(model), ids())
+        spikes = [p for p in ops.products if p["kind"] == "ac"]
+        assert sum(p["fanout"] for p in spikes) == ops.total("ac_fanout")
+        prices = PRESETS["fp32"].prices()
+        synaptic_fanout = sum(p["fanout"] * prices[p["kind"]] for p in ops.products) / ops.tokens
+        assert r["synaptic_pj_per_token_fanout"] == pytest.approx(synaptic_fanout, rel=1e-12)
+        if model.config.preset == "ann":
+            assert r["total_pj_per_token_fanout"] == pytest.approx(r["total_pj_per_token"], rel=1e-12)
+            assert r["synaptic_pj_per_token_fanout"] == pytest.approx(r["synaptic_pj_per_token"], rel=1e-12)
 
 
 class FusedSDPA(nn.Module):
@@ -506,7 +546,7 @@ def ann_hand_count(b: int, s: int, e: int, h: int, v: int, layers: int) -> dict[
         layer_norm,
         layer_norm,
         {"mac": rows * e * 3 * e, "add": rows * 3 * e},  # qkv
-        {"mul": 2 * rows * e + pairs, "mac": pairs * d, "cmp": pairs, "add": 2 * pairs, "exp": pairs, "div": b * h * s},
+        {"mul": rows * e + pairs, "mac": pairs * d, "cmp": pairs, "add": 2 * pairs, "exp": pairs, "div": b * h * s},
         {"mac": pairs * d},  # A V
         {"mac": rows * e * e, "add": rows * e},  # proj
         {"mac": rows * e * hidden, "add": rows * hidden},  # fc1
@@ -623,7 +663,8 @@ def test_cli_energy_table_json_and_plot(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- incremental decoding
 def test_ann_decoding_steps_grow_by_one_keys_attention_per_position():
     """Softmax attention's cached step reads one more key per position: each step costs exactly one key's
-    attention math more than the last (scale the key, a score, softmax on it, its value), per head and layer."""
+    attention math more than the last (a score, softmax on it, its value; the cached keys are not rescaled), per
+    head and layer."""
     model = tiny_model("ann")
     idx = ids(batch=3, length=16)
     r = decode_report(model, idx)
@@ -631,11 +672,9 @@ def test_ann_decoding_steps_grow_by_one_keys_attention_per_position():
     assert r["positions"] == [8, 15] and len(steps) == 8 and r["pj_per_token"] == pytest.approx(sum(steps) / 8)
     p, cfg = PRESETS["fp32"].prices(), model.config
     d = cfg.n_embd // cfg.n_head
-    per_key = cfg.n_layer * cfg.n_head * (2 * d * p["mac"] + (d + 1) * p["mul"] + p["cmp"] + 2 * p["add"] + p["exp"])
+    per_key = cfg.n_layer * cfg.n_head * (2 * d * p["mac"] + p["mul"] + p["cmp"] + 2 * p["add"] + p["exp"])
     growth = [b - a for a, b in zip(steps, steps[1:], strict=False)]
-    assert max(growth) - min(growth) < 1e-6  # linear in the keys: the cache is used, nothing is recomputed
-    # the additive causal mask, all zeros in a decoding step, is charged one add per key and head on top
-    assert per_key <= growth[0] <= per_key + cfg.n_layer * cfg.n_head * p["add"] + 1e-6
+    assert growth == pytest.approx([per_key] * len(growth), rel=1e-9)  # the cache is used, nothing is recomputed
 
 
 @pytest.mark.parametrize("codes", [{}, {"encoding": "rate", "token_code": "float"}])  # rate: steps draw spikes

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_generate import TOKENIZER, make_model, prompt
 
-from spikedecoder import cli
+from spikedecoder import cli, neurons
 from spikedecoder.events import (
     EventLIF,
     EventLinear,
@@ -28,7 +28,7 @@ from spikedecoder.events import (
 )
 from spikedecoder.generate import generate_ids
 from spikedecoder.layers import Linear, LinearNorm
-from spikedecoder.neurons import LIF
+from spikedecoder.neurons import LIF, charge
 from spikedecoder.rundir import save_checkpoint
 
 MODES = {
@@ -161,7 +161,17 @@ def test_compiled_kernel_gives_the_embedding_bag_floats(rate: float, width: int,
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("tau, decay_input, per_channel", [(2.0, True, False), (3.0, True, True), (3.0, False, True)])
+@pytest.mark.parametrize(
+    "tau, decay_input, per_channel",
+    [
+        (2.0, True, False),
+        (2.0, False, False),
+        (4.0, True, True),
+        (4.0, False, False),
+        (3.0, True, True),
+        (3.0, False, True),
+    ],
+)
 def test_compiled_lif_gives_the_tensor_ops_spikes(tau: float, decay_input: bool, per_channel: bool) -> None:
     """The C++ LIF does EventLIF's float operations in the same order: the same spikes, bit for bit, near threshold
     too (inputs on a grid that lands exactly on it)."""
@@ -185,6 +195,39 @@ def test_compiled_lif_gives_the_tensor_ops_spikes(tau: float, decay_input: bool,
     expected = lif.steps(x)
     assert torch.equal(event_kernel().lif(x, lif.v_threshold.reshape(-1), tau, decay_input), expected)
     assert 0.05 < expected.float().mean() < 0.95
+
+
+def charge_flips(tau: float, n: int = 32) -> torch.Tensor:
+    """(2, n) inputs whose second step fires (threshold 1) under the priced charge, `neurons.charge`, and stays
+    silent under v + (x - v) / tau, which rounds twice: a search a few ulps around the exact solution."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.rand(20000, generator=g) * 0.9 * tau
+    v1 = charge(torch.zeros_like(x1), x1, tau, True)  # the first step from v = 0 (x1 / tau: no flip yet)
+    exact = (1 - v1 * (1 - 1 / tau)) * tau
+    for ulps in range(-4, 5):
+        x2 = exact * (1 + ulps * torch.finfo(torch.float32).eps)
+        pick = (charge(v1, x2, tau, True) >= 1) & (v1 + (x2 - v1) / tau < 1)
+        if pick.sum() >= n:
+            chosen = pick.nonzero()[:n, 0]
+            return torch.stack([x1[chosen], x2[chosen]])
+    raise AssertionError("no input separates the two forms")
+
+
+@pytest.mark.parametrize("tau", [2.0, 4.0])
+def test_every_lif_path_runs_the_priced_charge(monkeypatch, tau: float) -> None:
+    """The loop, the fused backend's kernel, the event engine's tensor ops and its C++ kernel compute the membrane
+    in the form the energy measure prices ((v + x) / 2 at tau = 2): on inputs where that form and the textbook
+    v + (x - v) / tau round to different sides of the threshold, every path fires as the priced form does."""
+    x = charge_flips(tau)[:, None, :]  # (T = 2, 1, n)
+    priced = torch.tensor([[False], [True]]).expand(2, x.shape[-1])[:, None, :]
+    assert torch.equal(LIF(tau=tau)(x).bool(), priced)
+    fused = LIF(tau=tau, backend="fused")
+    monkeypatch.setattr(neurons, "_kernels", {"forward": neurons.lif_forward, "backward": neurons.lif_backward})
+    assert torch.equal(fused(x).bool(), priced)
+    event = EventLIF(LIF(tau=tau))
+    assert torch.equal(event.steps(x), priced)
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL") != "0":
+        assert torch.equal(event_kernel().lif(x, event.v_threshold.reshape(-1), tau, True), priced)
 
 
 def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:

@@ -9,21 +9,24 @@ How operations are counted (`count_ops`):
 - Matrix products charge only non-zero operand pairs (weights always count as non-zero): an operand pair with a
   binary member is an AC (an accumulate driven by a spike), two non-binary operands make a MAC. For a Linear on
   spikes that is nnz(input) * out_features; for Q K^T and A V on spikes the exact number of coinciding non-zeros.
-  The paper's count, nnz(spike operand) * fan-out, is kept beside it as kind `ac_fanout`.
+  The paper's count, nnz(spike operand) * fan-out, is kept beside it as kind `ac_fanout` (and per product).
 - A product entry that a causal mask then discards (multiplied by a 0/False mask, set to -inf) is not charged:
-  a causal kernel never computes it. The SNN and the ANN get the same rule.
+  a causal kernel never computes it. The SNN and the ANN get the same rule, and so does the fan-out count: a spike
+  fans out only to the entries the mask keeps (a key to the queries that see it, a value likewise).
+- Softmax attention (scaled_dot_product_attention) is charged by rule from its arguments, as a K/V-cache decoder
+  runs it: the query scaled (never the cached keys), Q K^T, softmax and A V on the unmasked pairs.
 - Ops on parameters and buffers only, or on nothing (arange, ones), are constants that can be precomputed: free.
   So are ops on integer token ids only (bookkeeping) and data movement (views, copies, concatenation).
 - Graded spikes (small signed integer counts, `LIF(levels=L)` / bipolar) drive a Linear as |count| accumulates of
   the active input's row: sum(|x|) * out_features AC, the same as that many binary spikes (a thermometer code's
   planes); the neuron pays one comparison per threshold (L, or 2L when bipolar). A product of two graded operands
   (graded Q, K, V) charges |a| |b| accumulates per pair, the coincidences of their planes.
-- A LIF neuron is priced as the arithmetic its update needs (`_lif_update`), plus one threshold comparison; the hard
-  reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with decay_input, h = v + (x - v) / 2 =
-  (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k), without
-  decay_input two adds and one shift. Any other tau needs a multiply: one multiply-accumulate (`lif`), plus an add
-  with decay_input; so does a learned decay (`learnable_tau`), whatever it has learnt. Its internal ops are not
-  counted again. Its output spikes give the firing rate.
+- A LIF neuron is priced as the arithmetic its update runs (`neurons.charge`, counted by `neurons.charge_ops`), plus
+  one threshold comparison; the hard reset is a select (free). With tau = 2^k the leak is a shift: tau = 2 with
+  decay_input, h = (v + x) / 2, is one add and one shift; other 2^k: two adds and two shifts (v - v >> k + x >> k),
+  without decay_input two adds and one shift. Any other tau needs a multiply: one multiply-accumulate (`lif`), plus
+  an add with decay_input; so does a learned decay (`learnable_tau`, `neurons.learned_charge`), whatever it has
+  learnt. Its internal ops are not counted again. Its output spikes give the firing rate.
 - Work the event engine does once is charged once: a Linear (or Linear + Norm) whose input is the same at every
   timestep (a T axis of stride 0, as direct encoding expands the embedding) is charged for one step.
 - Weight reads (`mem`): a Linear reads, per token, the weight rows of the inputs that are non-zero at any of its T
@@ -48,8 +51,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..energy_places import open_scopes, resolve
 from ..layers import LinearNorm, batch_invariant
-from ..neurons import LIF, is_graded
-from .counts import OpCounts, _nnz, _ptr, is_binary
+from ..neurons import LIF, charge_ops, is_graded
+from .counts import OpCounts, _nnz, _ptr, add_count, attention_counts, is_binary
 
 # ---------------------------------------------------------------------------------------------- the counter
 _FREE = {
@@ -84,14 +87,15 @@ class _OpCounter(TorchDispatchMode):
         self.unpriced: Counter = Counter()
         # storages holding constants (parameters, buffers and what is computed from them alone)
         self.constant = {_ptr(t) for t in [*model.parameters(), *model.buffers()]}
-        self.pending: dict[int, tuple[dict, Tensor]] = {}  # product output storage -> (its record, pairs per entry)
+        # product output storage -> (its record, pairs per entry, nnz * fan-out per entry)
+        self.pending: dict[int, tuple[dict, Tensor, Tensor]] = {}
+        self.support: dict[int, Tensor] = {}  # masked product output storage -> the entries its mask kept
         self.products: list[dict[str, Any]] = []
         self.stack: list[tuple[str, nn.Module, int]] = []  # running modules (path, module, open scopes), innermost last
         self.steps: list[int] = []  # per running module: T if it is a per-step map on a time-invariant input, else 1
         self.linear_inputs: list[Tensor] = []  # inputs of the running Linear modules, innermost last
         self.paused = False
         self.hooks: list = []
-        self.kernel_products: int | None = None  # inside a fused attention kernel: its matrix products so far
 
     # -- module tracking
     def __enter__(self) -> _OpCounter:
@@ -126,7 +130,7 @@ class _OpCounter(TorchDispatchMode):
             finally:
                 self.paused = False
             place = self._place()
-            for kind, n in _lif_update(module.tau, module.decay_input, module.learnable_tau != "none").items():
+            for kind, n in charge_ops(module.tau, module.decay_input, module.learnable_tau != "none").items():
                 self._add(place, kind, n * updates)
             self._add(place, "cmp", updates * module.levels * (2 if module.bipolar else 1))  # one per threshold
             name = self.stack[-1][0]
@@ -142,13 +146,8 @@ class _OpCounter(TorchDispatchMode):
         frames = self.stack[:-1] if outer else self.stack
         return any(isinstance(m, LIF) for _, m, _ in frames)
 
-    def _place(self, leaf: str | None = None, product: bool = False) -> str:
-        """The place the running modules and scopes declare (energy_places.py), e.g. block0.attention.qkv. Inside a
-        fused attention kernel (see _FusedKernels), its first product and softmax are `scores`, its second `values`."""
-        if leaf is None and self.kernel_products is not None:
-            seen = self.kernel_products
-            self.kernel_products += int(product)
-            leaf = "scores" if seen == 0 or (seen == 1 and not product) else "values"
+    def _place(self, leaf: str | None = None) -> str:
+        """The place the running modules and scopes declare (energy_places.py), e.g. block0.attention.qkv."""
         return resolve(self.stack, leaf)
 
     def _add(self, place: str, kind: str, n: int | float) -> None:
@@ -176,6 +175,7 @@ class _OpCounter(TorchDispatchMode):
                 self.constant.discard(p)
             if not alias:
                 self.pending.pop(p, None)  # a new tensor where a product output used to live
+                self.support.pop(p, None)
         if constant or self.paused or self._in_lif():
             return out
         name = func.overloadpacket.__name__
@@ -201,8 +201,9 @@ class _OpCounter(TorchDispatchMode):
         if name == "baddbmm":
             self._product(name, a["batch1"], a["batch2"], res)
             return self._add(self._place(), "add", res.numel())
-        if name in _SDPA:
-            return self._attention(a)
+        if name in _SDPA:  # the kernel called directly (through F.scaled_dot_product_attention, see _FusedKernels)
+            mask = a.get("attn_mask", a.get("attn_bias"))
+            return self.attention(a["query"], a["key"], a["value"], mask, bool(a.get("is_causal")))
         place = self._place()
         if name in ("add", "sub", "rsub"):
             return self._elementwise_add(place, a["self"], a.get("other"), res)
@@ -214,9 +215,9 @@ class _OpCounter(TorchDispatchMode):
             return self._add(place, "mul" if scalar else "div", res.numel())  # by a constant: times its reciprocal
         if name in ("where", "masked_fill"):  # selections; a causal mask on a product takes back what it drops
             if name == "where":
-                self._mask(a["self"], a["condition"], keep_where_true=True)
+                self._mask(a["self"], a["condition"], res, keep_where_true=True)
             else:
-                self._mask(a["self"], a["mask"], keep_where_true=False)
+                self._mask(a["self"], a["mask"], res, keep_where_true=False)
             return
         if name in _COMPARE or name == "bernoulli":  # a rate code compares a random draw with p (RNG unpriced)
             return self._add(place, "cmp", res.numel())
@@ -272,7 +273,7 @@ class _OpCounter(TorchDispatchMode):
             computed = fanout = n
             self._add(place, "mem", self._rows_read(act) * fan_out)  # weight rows read, once per token
         else:
-            place = self._place(product=True)
+            place = self._place()
             x_bin, y_bin = is_binary(x), is_binary(y)
             counts = not (x_bin or y_bin) and is_graded(x) and is_graded(y)  # two graded operands (graded Q, K, V)
             spikes = x_bin or y_bin or counts
@@ -281,7 +282,15 @@ class _OpCounter(TorchDispatchMode):
             else:  # non-zero pairs per output entry
                 pairs = (x != 0).to(torch.float32) @ (y != 0).to(torch.float32)
             computed = int(pairs.sum(dtype=torch.float64))
-            fanout = (_nnz(x) * y.shape[-1] if x_bin else _nnz(y) * x.shape[-2]) if x_bin or y_bin else computed
+            # nnz * fan-out per output entry: the spike operand's non-zeros that reach it. Each spike fans out to the
+            # entries the other operand has (all of them, unless a mask zeroed some: a masked score map's kept ones)
+            if x_bin:
+                fan = (x != 0).to(torch.float32) @ self._support(y)
+            elif y_bin:
+                fan = self._support(x) @ (y != 0).to(torch.float32)
+            else:
+                fan = pairs
+            fanout = int(fan.sum(dtype=torch.float64))
         kind = "ac" if spikes else "mac"
         self._add(place, kind, computed)
         if spikes:
@@ -306,7 +315,14 @@ class _OpCounter(TorchDispatchMode):
         record["repeats"] = once  # identical steps it stands for (a dense executor, SpikingJelly's count, runs all)
         self.products.append(record)
         if self.skip_masked and not record["weight"]:
-            self.pending[_ptr(out)] = (record, pairs)
+            self.pending[_ptr(out)] = (record, pairs, fan)
+
+    def _support(self, t: Tensor) -> Tensor:
+        """1.0 where t can be non-zero: everywhere, except where a mask zeroed a product (`_mask` keeps its pattern)."""
+        keep = self.support.get(_ptr(t))
+        if keep is None or keep.numel() != t.numel():
+            return torch.ones_like(t, dtype=torch.float32)
+        return keep.reshape(t.shape).to(torch.float32)
 
     def _rows_read(self, act: Tensor) -> int:
         """Weight rows a Linear reads: per token, the inputs non-zero at any of its T steps (a (T, B, S, E) input's
@@ -316,14 +332,15 @@ class _OpCounter(TorchDispatchMode):
             return _nnz(act)
         return _nnz((x != 0).any(0))
 
-    def _mask(self, target: Any, mask: Any, keep_where_true: bool) -> bool:
-        """If `target` is a pending product and `mask` a constant mask, take back what the mask discards."""
+    def _mask(self, target: Any, mask: Any, out: Tensor, keep_where_true: bool) -> bool:
+        """If `target` is a pending product and `mask` a constant mask, take back what the mask discards, in the
+        exact count and in the nnz * fan-out count alike, and remember which entries of `out` it kept."""
         if not isinstance(target, Tensor) or not isinstance(mask, Tensor) or _ptr(mask) not in self.constant:
             return False
         entry = self.pending.pop(_ptr(target), None)
         if entry is None:
             return False
-        record, pairs = entry
+        record, pairs, fan = entry
         if pairs.numel() != target.numel():
             return False
         if mask.dtype == torch.bool:
@@ -332,30 +349,34 @@ class _OpCounter(TorchDispatchMode):
             keep = mask != 0
         else:
             keep = torch.isfinite(mask)
-        dropped = int((pairs.reshape(target.shape) * (~keep).to(pairs.dtype)).sum(dtype=torch.float64))
-        self.counts[record["place"]][record["kind"]] -= dropped
-        record["charged"] -= dropped
+        dropped = ~keep.expand(target.shape)
+        lost = int((pairs.reshape(target.shape) * dropped).sum(dtype=torch.float64))
+        lost_fan = int((fan.reshape(target.shape) * dropped).sum(dtype=torch.float64))
+        self.counts[record["place"]][record["kind"]] -= lost
+        if record["kind"] == "ac":
+            self.counts[record["place"]]["ac_fanout"] -= lost_fan
+        record["charged"] -= lost
+        record["fanout"] -= lost_fan
+        if out.numel() == target.numel():
+            self.support[_ptr(out)] = ~dropped
         return True
 
     def _elementwise_add(self, place: str, x: Tensor, other: Any, out: Tensor) -> None:
         """An add per output, but a spike operand only adds where it is 1; adding a mask of -inf is free."""
         if isinstance(other, Tensor) and other.is_floating_point() and _ptr(other) in self.constant:
-            if not bool(torch.isfinite(other).all()) and self._mask(x, other, keep_where_true=False):
+            if not bool(torch.isfinite(other).all()) and self._mask(x, other, out, keep_where_true=False):
                 return
-        spikes = [t for t in (x, other) if self._spikes(t)]
-        if len(spikes) == 2:
-            n = _nnz(torch.logical_and(spikes[0] != 0, spikes[1] != 0))
-        elif spikes:
-            n = _nnz(spikes[0]) * (out.numel() // spikes[0].numel())
-        else:
-            n = out.numel()
-        self._add(place, "add", n)
+        self._add(place, "add", add_count([t for t in (x, other) if self._spikes(t)], out.numel()))
 
     def _elementwise_mul(self, place: str, x: Tensor, other: Any, out: Tensor) -> None:
-        """Multiplying by a binary tensor selects (free): a causal mask or a spike gate. Else a multiply each."""
+        """Multiplying by a binary tensor selects (free): a causal mask or a spike gate. Else a multiply each. A
+        product is zero wherever a factor is a masked product's dropped entry: the mask's pattern carries over."""
+        for t in (x, other):
+            if isinstance(t, Tensor) and _ptr(t) in self.support and t.numel() == out.numel():
+                self.support[_ptr(out)] = self.support[_ptr(t)]
         for target, mask in ((x, other), (other, x)):
             if self._spikes(mask):
-                self._mask(target, mask, keep_where_true=True)
+                self._mask(target, mask, out, keep_where_true=True)
                 return
         self._add(place, "mul", out.numel())
 
@@ -391,28 +412,21 @@ class _OpCounter(TorchDispatchMode):
         if weight is not None or bias is not None:
             self._add(place, affine, rows * c)
 
-    def _attention(self, a: dict) -> None:
-        """A fused softmax attention kernel, charged as its math form: scale q and k, Q K^T on the unmasked pairs,
-        softmax, A V."""
-        q, k, v = a["query"], a["key"], a["value"]
-        mask = a.get("attn_mask", a.get("attn_bias"))
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool) -> None:
+        """A fused softmax attention kernel, charged as a KV-cache decoder computes it, whatever torch runs: scale
+        the query (the keys are used as they are), Q K^T on the unmasked pairs, softmax on them, A V."""
         s_q, s_k = q.shape[-2], k.shape[-2]
         keep = torch.ones(s_q, s_k, dtype=torch.bool)
-        if a.get("is_causal"):
+        if is_causal:
             keep = keep.tril(s_k - s_q)
         if isinstance(mask, Tensor):
             keep = keep & (mask if mask.dtype == torch.bool else torch.isfinite(mask)).cpu()
         pairs = int(keep.expand(*q.shape[:-2], s_q, s_k).sum(dtype=torch.float64))
-        rows = q.numel() // q.shape[-1]
         scores, values = self._place("scores"), self._place("values")
-        self._add(scores, "mul", q.numel() + k.numel())
-        self._add(scores, "mac", pairs * q.shape[-1])
-        self._add(scores, "cmp", pairs)
-        self._add(scores, "add", 2 * pairs)
-        self._add(scores, "exp", pairs)
-        self._add(scores, "mul", pairs)
-        self._add(scores, "div", rows)
-        self._add(values, "mac", pairs * v.shape[-1])
+        charges = attention_counts(q.numel(), q.numel() // q.shape[-1], pairs, q.shape[-1], v.shape[-1])
+        for place, kinds in zip((scores, values), charges, strict=True):
+            for kind, n in kinds.items():
+                self._add(place, kind, n)
         batch = math.prod(q.shape[:-2])
         for place, width in ((scores, q.shape[-1]), (values, v.shape[-1])):
             n = pairs * width
@@ -427,33 +441,27 @@ def _time_invariant(x: Tensor) -> bool:
     return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
 
 
-def _lif_update(tau: float, decay_input: bool, learned: bool = False) -> dict[str, int]:
-    """Operations of one membrane update besides the threshold comparison (module docstring); a learned decay is
-    priced as any tau that is not a power of two (a multiply), whatever value it has learnt."""
-    k = math.log2(tau)
-    if k == int(k) and not learned:  # the leak is a shift by k bits
-        if decay_input:
-            return {"add": 1, "shift": 1} if k == 1 else {"add": 2, "shift": 2}
-        return {"add": 2, "shift": 1}
-    return {"lif": 1, "add": 1} if decay_input else {"lif": 1}
-
-
 class _FusedKernels(TorchFunctionMode):
-    """Marks the aten ops of scaled_dot_product_attention, one call that holds two places: whatever torch runs it as
-    (one fused op or its math form), the order inside is torch's softmax(Q K^T) V, not the model's."""
+    """scaled_dot_product_attention is one kernel that holds two places (`scores` and `values`): it is charged by
+    its rule (`_OpCounter.attention`) from its arguments, and the aten ops torch runs it as (one fused op, or its
+    math form, which rescales every cached key) are not counted again."""
 
     def __init__(self, counter: _OpCounter):
         super().__init__()
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **(kwargs or {}))
-        self.counter.kernel_products = 0
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.counter.paused:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        a = dict(zip(names, args, strict=False)) | kwargs
+        self.counter.attention(a["query"], a["key"], a["value"], a.get("attn_mask"), bool(a.get("is_causal")))
+        self.counter.paused = True
         try:
-            return func(*args, **(kwargs or {}))
+            return func(*args, **kwargs)
         finally:
-            self.counter.kernel_products = None
+            self.counter.paused = False
 
 
 def count_ops(

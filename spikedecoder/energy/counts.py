@@ -72,7 +72,27 @@ def is_binary(x: Tensor) -> bool:
         return True
     if x.numel() == 0:
         return False
+    if x[(0,) * x.dim()].item() not in (0, 1):  # most float activations fail at their first value: no full pass
+        return False
     return bool(((x == 0) | (x == 1)).all())
+
+
+def add_count(spikes: list[Tensor], out_numel: int) -> int:
+    """Adds of an elementwise sum whose spike operands are `spikes` (zero, one or two of them): one per output, but
+    a spike operand adds only where it is 1 (both spikes: where both are)."""
+    if len(spikes) == 2:
+        return _nnz(torch.logical_and(spikes[0] != 0, spikes[1] != 0))
+    if spikes:
+        return _nnz(spikes[0]) * (out_numel // spikes[0].numel())
+    return out_numel
+
+
+def attention_counts(q_numel: int, rows: int, pairs: int, d_k: int, d_v: int) -> tuple[dict, dict]:
+    """Softmax attention's operations (`scores`, `values`) for `rows` queries of width d_k over `pairs` unmasked
+    (query, key) pairs, as a K/V-cache decoder computes it: the query scaled (never the cached keys), Q K^T,
+    softmax (max, subtract, exp, sum, a reciprocal per row and a multiply per entry), A V."""
+    scores = {"mul": q_numel + pairs, "mac": pairs * d_k, "cmp": pairs, "add": 2 * pairs, "exp": pairs, "div": rows}
+    return scores, {"mac": pairs * d_v}
 
 
 def _nnz(x: Tensor) -> int:

@@ -5,8 +5,9 @@ Memory (`memory=True`) adds one SRAM read per weight a token reads (a Linear's r
 its T steps, once) and per embedding element looked up.
 
 The report sums per place, per sub-block (summed over blocks), per block and per kind; `compare_reports` sets a
-model beside its baseline. `step_energy` prices one incremental-decoding step (what `spikedecoder serve` shows per
-token) and `decode_report` the mean of such steps over validation windows (the energy report's decoding figure).
+model beside its baseline. `step_energy` counts and prices one incremental-decoding step (the reference that
+`spikedecoder serve`'s live meter, energy/live.py, equals without tracing the step) and `decode_report` the mean of
+such steps over validation windows (the energy report's decoding figure).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // Kernels of the event-driven engine (events.py), compiled on first use by torch.utils.cpp_extension.
 //
-// Event-driven Linear on spikes for the CPU (issue 11): out[t, n] = bias + sum of rows[i] over the inputs i that
+// Event-driven Linear on spikes for the CPU: out[t, n] = bias + sum of rows[i] over the inputs i that
 // spike at step t of token n. Each token's union of active rows over the T steps is read once from memory and added
 // into the accumulator of every step at which its input spikes (no multiply). Within a step the rows are added in
 // increasing input order, the order embedding_bag(mode="sum") uses, so both give the same floats.
@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 
 typedef float f16v __attribute__((vector_size(64), aligned(4), may_alias));  // 16 floats, unaligned, aliasing floats
 typedef int32_t i16v __attribute__((vector_size(64)));
@@ -99,11 +100,23 @@ torch::Tensor spike_linear(torch::Tensor spikes, torch::Tensor rows, c10::option
   return y;
 }
 
-// LIF over T steps, the arithmetic of EventLIF (events.py) in the same order, so the same spikes bit for bit:
-// decay_input: h = x / tau at the first step, then h = (x - v) / tau + v; else h = x, then h = (v - v / tau) + x;
-// spike where h >= threshold (one per channel, the last axis), hard reset v = 0 there. Step after step over all
-// neurons, the membranes in a buffer, so the channel loop vectorises (IEEE division and subtraction round the same in
-// SIMD lanes as in scalar code; -ffp-contract=off keeps out fused multiply-adds that would round differently).
+// LIF over T steps in the arithmetic of neurons.charge (the form the energy measure prices), in the same order, so
+// the same spikes bit for bit as the dense LIF: with tau = 2^k the leak is a multiply by 2^-k (a shift),
+//   decay_input, tau = 2:  h = (v + x) * 0.5          decay_input, other 2^k:  h = (v - v * s) + x * s
+//   no decay_input:        h = (v - v * s) + x        (s = 2^-k)
+// and any other tau h = (x - v) / tau + v (decay_input) or h = (v - v / tau) + x; the membrane starts at 0. Spike
+// where h >= threshold (one per channel, the last axis), hard reset v = 0 there. Step after step over all neurons,
+// the membranes in a buffer, so the channel loop vectorises (IEEE operations round the same in SIMD lanes as in
+// scalar code; -ffp-contract=off keeps out fused multiply-adds that would round differently).
+enum class Charge { kHalfSum, kShiftDecayInput, kShift, kDecayInput, kPlain };
+
+static Charge charge_form(double tau, bool decay_input) {
+  int exponent = 0;
+  const bool power_of_two = std::frexp(tau, &exponent) == 0.5;
+  if (power_of_two) return decay_input ? (tau == 2.0 ? Charge::kHalfSum : Charge::kShiftDecayInput) : Charge::kShift;
+  return decay_input ? Charge::kDecayInput : Charge::kPlain;
+}
+
 torch::Tensor lif(torch::Tensor x, torch::Tensor threshold, double tau, bool decay_input) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat, "x must be (T, M, C) float32");
   x = x.contiguous();
@@ -113,19 +126,24 @@ torch::Tensor lif(torch::Tensor x, torch::Tensor threshold, double tau, bool dec
   const float* in = x.data_ptr<float>();
   const float* thr = th.data_ptr<float>();
   bool* out = spikes.data_ptr<bool>();
-  const float t = static_cast<float>(tau);
+  const float t = static_cast<float>(tau), s = static_cast<float>(1.0 / tau);  // s exact when tau = 2^k
+  const Charge form = charge_form(tau, decay_input);
   at::parallel_for(0, m, 64, [&](int64_t m0, int64_t m1) {
     std::vector<float> membrane(c);
     float* v = membrane.data();
     for (int64_t row = m0; row < m1; ++row) {
-      for (int64_t s = 0; s < steps; ++s) {
-        const float* xs = in + (s * m + row) * c;
-        bool* fired = out + (s * m + row) * c;
-        // the membrane update per case, each a plain loop the compiler vectorises
-        if (s == 0 && decay_input) for (int64_t j = 0; j < c; ++j) v[j] = xs[j] / t;
-        else if (s == 0) for (int64_t j = 0; j < c; ++j) v[j] = xs[j];
-        else if (decay_input) for (int64_t j = 0; j < c; ++j) v[j] = (xs[j] - v[j]) / t + v[j];
-        else for (int64_t j = 0; j < c; ++j) v[j] = (v[j] - v[j] / t) + xs[j];
+      std::fill(membrane.begin(), membrane.end(), 0.0f);
+      for (int64_t step = 0; step < steps; ++step) {
+        const float* xs = in + (step * m + row) * c;
+        bool* fired = out + (step * m + row) * c;
+        // the membrane update per form, each a plain loop the compiler vectorises
+        switch (form) {
+          case Charge::kHalfSum: for (int64_t j = 0; j < c; ++j) v[j] = (v[j] + xs[j]) * 0.5f; break;
+          case Charge::kShiftDecayInput: for (int64_t j = 0; j < c; ++j) v[j] = (v[j] - v[j] * s) + xs[j] * s; break;
+          case Charge::kShift: for (int64_t j = 0; j < c; ++j) v[j] = (v[j] - v[j] * s) + xs[j]; break;
+          case Charge::kDecayInput: for (int64_t j = 0; j < c; ++j) v[j] = (xs[j] - v[j]) / t + v[j]; break;
+          case Charge::kPlain: for (int64_t j = 0; j < c; ++j) v[j] = (v[j] - v[j] / t) + xs[j]; break;
+        }
         for (int64_t j = 0; j < c; ++j) {  // fire and hard reset
           const bool fire = v[j] >= thr[j];
           fired[j] = fire;

@@ -6,6 +6,8 @@ const COLORS = { snn: "#ffb347", ann: "#6fa8ff", grid: "#28324a", muted: "#8c98b
 let info = null;
 let controller = null;
 let history = []; // {pj, ann_pj} per token
+let latest = null; // the newest event, drawn at the next animation frame
+let frame = 0; // the pending animation frame, 0 if none
 
 function energy(pj) {
   if (pj === undefined || pj === null) return "\u2013";
@@ -20,7 +22,7 @@ async function loadInfo() {
   info = await res.json();
   const base = info.baseline ? `, baseline ${info.baseline}` : ", no baseline (start with --baseline ANN_RUN)";
   $("info").textContent = `model ${info.model}, T = ${info.timesteps}, context ${info.max_len}${base}`;
-  $("preset").textContent = `(${info.energy_preset} operation energies, 45 nm; each token = the cached step run)`;
+  $("preset").textContent = `(${info.energy_preset} operation energies, 45 nm; each token = the cached step run, ${info.energy})`;
   $("tokens").max = info.max_tokens;
 }
 
@@ -35,6 +37,7 @@ function params() {
 
 function reset() {
   history = [];
+  latest = null;
   $("error").textContent = "";
   $("text").innerHTML = "";
   const prompt = document.createElement("span");
@@ -79,6 +82,8 @@ async function generate() {
         }
       }
     }
+    if (frame) cancelAnimationFrame(frame);
+    draw();
     $("status").textContent = `done: ${history.length} tokens`;
   } catch (err) {
     $("status").textContent = err.name === "AbortError" ? `stopped after ${history.length} tokens` : "";
@@ -89,17 +94,27 @@ async function generate() {
   }
 }
 
+// Tokens can arrive faster than the screen refreshes: each one is added to the text and the history at once, and the
+// meters, charts and raster are drawn once per animation frame, for the newest token.
 function onToken(ev, started) {
   history.push({ pj: ev.pj, ann_pj: ev.ann_pj, refill: ev.fed > 1 || ev.ann_fed > 1 });
-  const previous = $("text").querySelector(".current");
-  if (previous) previous.classList.remove("current");
   const span = document.createElement("span");
-  span.className = "tok current";
+  span.className = "tok";
   span.textContent = ev.text;
   span.title = `token ${ev.index + 1}: ${energy(ev.pj)} spiking` + (ev.ann_pj ? `, ${energy(ev.ann_pj)} ANN` : "");
   $("text").appendChild(span);
-  $("text").scrollTop = $("text").scrollHeight;
+  latest = { ev, span, seconds: (performance.now() - started) / 1000 };
+  if (!frame) frame = requestAnimationFrame(draw);
+}
 
+function draw() {
+  frame = 0;
+  if (!latest) return;
+  const { ev, span, seconds } = latest;
+  const previous = $("text").querySelector(".current");
+  if (previous) previous.classList.remove("current");
+  span.classList.add("current");
+  $("text").scrollTop = $("text").scrollHeight;
   $("pj").textContent = energy(ev.pj);
   $("fed").textContent = ev.fed > 1 ? `prefill of ${ev.fed} tokens` : "one cached step";
   if (ev.ann_pj !== undefined) {
@@ -110,8 +125,7 @@ function onToken(ev, started) {
   } else {
     $("totals").textContent = `${energy(ev.total_pj)} in all`;
   }
-  $("count").textContent = String(ev.index + 1);
-  const seconds = (performance.now() - started) / 1000;
+  $("count").textContent = String(history.length);
   $("speed").textContent = `${(history.length / seconds).toFixed(1)} tokens/s`;
   drawHistory();
   drawRaster(ev);
@@ -120,7 +134,8 @@ function onToken(ev, started) {
 // ------------------------------------------------------------------------------------------- per-token energy
 function drawHistory() {
   const canvas = $("history");
-  canvas.width = canvas.clientWidth || canvas.width;
+  const width = canvas.clientWidth || canvas.width;
+  if (canvas.width !== width) canvas.width = width;
   const g = canvas.getContext("2d");
   const { width: w, height: h } = canvas;
   g.clearRect(0, 0, w, h);
@@ -179,44 +194,70 @@ function heat(rate) {
   return `rgb(${Math.round(30 + 225 * t)}, ${Math.round(40 + 140 * t)}, ${Math.round(70 - 20 * t)})`;
 }
 
+// The event's `spikes`: base64 of every layer's (steps x neurons) spikes, one layer after the other (info.layers),
+// row by row, 8 per byte, least significant bit first.
+function unpack(spikes) {
+  const bytes = Uint8Array.from(atob(spikes || ""), (c) => c.charCodeAt(0));
+  let offset = 0;
+  return info.layers.map((layer) => {
+    const rows = [];
+    for (let t = 0; t < layer.steps; t++) {
+      const row = new Uint8Array(layer.neurons);
+      for (let j = 0; j < layer.neurons; j++, offset++) row[j] = (bytes[offset >> 3] >> (offset & 7)) & 1;
+      rows.push(row);
+    }
+    return { name: layer.name, rows };
+  });
+}
+
+// One small canvas per layer, a pixel per (step, neuron): the raster is drawn as a few scaled images, not a rectangle
+// per spike.
+const bitmaps = new Map();
+function bitmap(name, rows) {
+  const w = rows[0].length, h = rows.length;
+  let entry = bitmaps.get(name);
+  if (!entry || entry.canvas.width !== w || entry.canvas.height !== h) {
+    const canvas = document.createElement("canvas");
+    [canvas.width, canvas.height] = [w, h];
+    const image = canvas.getContext("2d").createImageData(w, h);
+    entry = { canvas, image, pixels: new Uint32Array(image.data.buffer) };
+    bitmaps.set(name, entry);
+  }
+  const on = 0xff47b3ff, off = 0xff2b1c15; // #ffb347 and #151c2b as little-endian RGBA words
+  rows.forEach((row, t) => {
+    for (let j = 0; j < w; j++) entry.pixels[t * w + j] = row[j] ? on : off;
+  });
+  entry.canvas.getContext("2d").putImageData(entry.image, 0, 0);
+  return entry.canvas;
+}
+
 function drawRaster(ev) {
   const canvas = $("raster");
   const g = canvas.getContext("2d");
-  const layers = Object.keys(ev.timestep_rates);
-  const steps = Math.max(1, ...layers.map((n) => ev.timestep_rates[n].length));
+  const layers = info && info.layers.length ? unpack(ev.spikes) : [];
   const label = 150, heatW = 22, barW = 80, gap = 3;
-  const rows = layers.length * steps;
+  const rows = layers.reduce((n, layer) => n + layer.rows.length, 0);
   const rowH = Math.min(5, Math.max(2, Math.floor(420 / Math.max(rows, 1))));
-  canvas.width = canvas.clientWidth || canvas.width;
-  canvas.height = Math.max(120, rows * rowH + gap * layers.length + 8);
+  const width = canvas.clientWidth || canvas.width;
+  const height = Math.max(120, rows * rowH + gap * layers.length + 8);
+  if (canvas.width !== width || canvas.height !== height) [canvas.width, canvas.height] = [width, height];
   const rasterW = canvas.width - label - heatW - barW - 24;
   g.clearRect(0, 0, canvas.width, canvas.height);
+  g.imageSmoothingEnabled = false;
   g.font = "11px system-ui";
   let y = 4;
   g.textBaseline = "middle";
-  for (const name of layers) {
-    const bits = ev.spikes[name];
-    const rates = ev.timestep_rates[name];
-    const bandH = rates.length * rowH;
+  for (const { name, rows: bits } of layers) {
+    const rates = bits.map((row) => row.reduce((a, b) => a + b, 0) / Math.max(row.length, 1));
+    const rate = rates.reduce((a, b) => a + b, 0) / Math.max(rates.length, 1);
+    const bandH = bits.length * rowH;
     g.fillStyle = COLORS.muted;
     g.fillText(name.replace("blocks.", "block ").replace(".attn.", " attn ").replace(".mlp.", " mlp "), 4, y + bandH / 2);
-    g.fillStyle = "#151c2b";
-    g.fillRect(label, y, rasterW, bandH);
-    if (bits) {
-      g.fillStyle = COLORS.snn;
-      rates.forEach((_, t) => {
-        const row = bits[t];
-        const cell = rasterW / row.length;
-        for (let j = 0; j < row.length; j++) {
-          if (row.charCodeAt(j) === 49) g.fillRect(label + j * cell, y + t * rowH, Math.max(1, cell - 0.5), rowH - 1);
-        }
-      });
-    }
+    g.drawImage(bitmap(name, bits), label, y, rasterW, bandH); // a pixel per spike, scaled without smoothing
     rates.forEach((r, t) => {
       g.fillStyle = heat(r);
       g.fillRect(label + rasterW + 8, y + t * rowH, heatW - 4, rowH - (rowH > 2 ? 1 : 0));
     });
-    const rate = ev.firing[name] || 0;
     g.fillStyle = COLORS.snn;
     g.fillRect(label + rasterW + heatW + 12, y, (barW - 44) * Math.min(1, rate * 2), bandH - 1);
     g.fillStyle = COLORS.text;
