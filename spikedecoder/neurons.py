@@ -97,6 +97,11 @@ class LIF(nn.Module):
             raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
         decay = self.decay()
         decay = decay.to(x.dtype) if decay is not None else None  # the membranes keep the input's dtype
+        if self.backend == "fused" and not torch.is_grad_enabled():
+            # inference (sampling, evaluation): the eager forward, same arithmetic; the compiled kernel pays off
+            # in training, and every new sampling shape would compile it again
+            th = self.v_threshold.detach()
+            return lif_forward(x, th, self.tau, self.decay_input, self.levels, self.bipolar, decay)[0]
         if self.backend == "fused":
             return _FusedLIF.apply(
                 x,
