@@ -1,9 +1,11 @@
-"""Write the README's measured tables from results files, so every figure there comes from a named command.
+"""Write the measured tables of the README and docs/ from results files, so every figure there comes from a named
+command.
 
-    python benchmarks/readme_figures.py --run runs/make-run [--recall recall.json] [--decode decode.json]
-        [--readme README.md] [--check]
+    python benchmarks/readme_figures.py --run runs/make-run [--recall docs/recall.json] [--decode docs/decode.json]
+        [--files README.md docs/*.md] [--check]
 
-Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` in the README and is replaced whole:
+Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` and is replaced whole in every file that
+holds those markers (README.md and docs/*.md unless --files names others):
 - make-run: `runs/make-run/results.json` (written by `make run`) -> params, steps, train seconds, val bits/char;
 - energy: `spikedecoder energy RUN/spikedecoder --baseline RUN/ann` recomputed here (4 validation windows, fp32),
   the per-sub-block table and the savings;
@@ -12,7 +14,8 @@ Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` in 
   prose cannot disagree with its table;
 - recall: the JSON of `python benchmarks/recall.py --json` (one row per variant);
 - decode: the JSON of `python benchmarks/decode.py --json` (one row per width and engine).
-A block whose source is not given is left as it is. `--check` changes nothing and exits 1 if a block would change.
+A block whose source is not given is left as it is; a block whose source is given but that no file holds is an
+error. `--check` changes nothing and exits 1 if a block would change in any file.
 """
 
 from __future__ import annotations
@@ -140,8 +143,30 @@ def decode_block(path: Path) -> str:
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- figures:{name} -->\n)(?:.*?\n)?(<!-- /figures:{name} -->)", re.S)
     if not pattern.search(text):
-        raise SystemExit(f"README has no <!-- figures:{name} --> ... <!-- /figures:{name} --> block; add one")
+        raise SystemExit(f"no <!-- figures:{name} --> ... <!-- /figures:{name} --> block; add one")
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+
+
+def default_files() -> list[Path]:
+    """README.md and every page of docs/, as seen from the repository root."""
+    return [p for p in [Path("README.md"), *sorted(Path("docs").glob("*.md"))] if p.is_file()]
+
+
+def fill(texts: dict[Path, str], blocks: dict[str, str]) -> dict[Path, str]:
+    """Each block written into every text that holds its start marker; a block that no text holds is an error, so a
+    moved or misspelt marker cannot leave a table silently stale."""
+    out = dict(texts)
+    for name, body in blocks.items():
+        holders = [path for path, text in out.items() if f"<!-- figures:{name} -->" in text]
+        if not holders:
+            names = ", ".join(str(p) for p in out) or "no files"
+            raise SystemExit(f"error: none of {names} has a <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
+        for path in holders:
+            try:
+                out[path] = replace_block(out[path], name, body)
+            except SystemExit as exc:
+                raise SystemExit(f"error: {path}: {exc}") from None
+    return out
 
 
 def main() -> None:
@@ -149,10 +174,10 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a `make run` output folder (results.json, spikedecoder/, ann/)")
     parser.add_argument("--recall", type=Path, help="JSON written by benchmarks/recall.py --json")
     parser.add_argument("--decode", type=Path, help="JSON written by benchmarks/decode.py --json")
-    parser.add_argument("--readme", type=Path, default=Path("README.md"))
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README would change; write nothing")
+    parser.add_argument("--files", type=Path, nargs="+", help="pages to fill (default: README.md and docs/*.md)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any page would change; write nothing")
     args = parser.parse_args()
-    for path in (args.run, args.recall, args.decode):
+    for path in (args.run, args.recall, args.decode, *(args.files or [])):
         if path is not None and not path.exists():
             raise SystemExit(f"error: {path} does not exist; run the command that writes it first")
     blocks = {}
@@ -164,14 +189,15 @@ def main() -> None:
         blocks["recall"] = recall_block(args.recall)
     if args.decode:
         blocks["decode"] = decode_block(args.decode)
-    old = args.readme.read_text()
-    new = old
-    for name, body in blocks.items():
-        new = replace_block(new, name, body)
+    old = {path: path.read_text() for path in (args.files or default_files())}
+    new = fill(old, blocks)
+    changed = [path for path in new if new[path] != old[path]]
     if args.check:
-        sys.exit(0 if new == old else 1)
-    args.readme.write_text(new)
-    print(f"{args.readme}: {', '.join(blocks) or 'nothing'} written" + ("" if new != old else " (unchanged)"))
+        sys.exit(1 if changed else 0)
+    for path in changed:
+        path.write_text(new[path])
+    written = ", ".join(f"{p} ({', '.join(n for n in blocks if f'<!-- figures:{n} -->' in new[p])})" for p in changed)
+    print(f"written: {written}" if changed else f"{', '.join(blocks) or 'nothing'}: unchanged")
 
 
 if __name__ == "__main__":

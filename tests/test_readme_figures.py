@@ -1,5 +1,6 @@
-"""benchmarks/readme_figures.py writes the README's measured blocks from a `make run` folder: here on tiny untrained
-runs of the built-in corpus, the energy-presets block, whose sentences quote its own table."""
+"""benchmarks/readme_figures.py writes the measured blocks of the README and docs/ from a `make run` folder, each
+wherever its markers are: here on tiny untrained runs of the built-in corpus, the energy-presets block, whose
+sentences quote its own table."""
 
 from __future__ import annotations
 
@@ -43,14 +44,22 @@ def make_run(tmp_path_factory) -> Path:
     return out
 
 
+def page(*blocks: str) -> str:
+    return "".join(f"# {b}\n<!-- figures:{b} -->\nold\n<!-- /figures:{b} -->\n\n" for b in blocks)
+
+
+def run_script(monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["readme_figures.py", *argv])
+    load_script().main()
+
+
 def test_the_memory_and_decoding_sentences_quote_their_own_table(make_run: Path, tmp_path: Path, monkeypatch) -> None:
-    readme = tmp_path / "README.md"
-    blocks = ("make-run", "energy", "energy-presets")
-    readme.write_text("".join(f"# {b}\n<!-- figures:{b} -->\nold\n<!-- /figures:{b} -->\n\n" for b in blocks))
-    script = load_script()
-    monkeypatch.setattr(sys, "argv", ["readme_figures.py", "--run", str(make_run), "--readme", str(readme)])
-    script.main()
-    text = readme.read_text()
+    readme, energy = tmp_path / "README.md", tmp_path / "energy.md"
+    readme.write_text(page("make-run"))
+    energy.write_text("# Energy\n\n" + page("energy", "energy-presets"))
+    files = ["--files", str(readme), str(energy)]
+    run_script(monkeypatch, "--run", str(make_run), *files)
+    text = energy.read_text()
     block = text[text.index("<!-- figures:energy-presets -->") : text.index("<!-- /figures:energy-presets -->")]
     row = [cell.strip() for cell in block.splitlines()[3].strip("|").split("|")]
     assert row[1] == "4.000"  # the spiking model's val bits/char from results.json
@@ -60,8 +69,38 @@ def test_the_memory_and_decoding_sentences_quote_their_own_table(make_run: Path,
     snn, ann = (float(x.replace(",", "")) for x in memory_cell.groups()[:2])
     assert float(memory_cell[3]) == pytest.approx(100 * (1 - snn / ann), abs=0.06)  # the rounding of the figures
     assert "a **" in block and "incremental decoding" in block.lower()
-    assert "old" not in text  # every block written
-    monkeypatch.setattr(sys, "argv", [*sys.argv, "--check"])
+    assert text.startswith("# Energy\n\n") and "old" not in text  # both blocks of the docs page written
+    assert "| spikedecoder |" in readme.read_text() and "old" not in readme.read_text()  # and the README's
     with pytest.raises(SystemExit) as done:
-        script.main()
+        run_script(monkeypatch, "--run", str(make_run), *files, "--check")
     assert done.value.code == 0  # nothing would change
+    energy.write_text(energy.read_text().replace("| **total** |", "| **sum** |"))
+    with pytest.raises(SystemExit) as done:
+        run_script(monkeypatch, "--run", str(make_run), *files, "--check")
+    assert done.value.code == 1  # a stale docs page is caught
+    assert "| **sum** |" in energy.read_text()  # and --check wrote nothing
+
+
+def test_a_block_is_filled_in_every_page_that_holds_it(tmp_path: Path, monkeypatch) -> None:
+    recall = tmp_path / "recall.json"
+    results = [{"variant": "ann", "task": "mqar", "pairs": 8, "accuracy": 0.5}]
+    recall.write_text(json.dumps({"results": results}))
+    pages = [tmp_path / "a.md", tmp_path / "b.md", tmp_path / "c.md"]
+    pages[0].write_text(page("recall"))
+    pages[1].write_text("intro\n" + page("recall") + "outro\n")
+    pages[2].write_text(page("context"))  # a block no source fills is left as it is
+    run_script(monkeypatch, "--recall", str(recall), "--files", *map(str, pages))
+    for path in pages[:2]:
+        assert "| ann | - | 0.500 | - | - |" in path.read_text() and "old" not in path.read_text()
+    assert pages[1].read_text().startswith("intro\n") and pages[1].read_text().endswith("outro\n")
+    assert pages[2].read_text() == page("context")
+
+
+def test_a_block_that_no_page_holds_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    recall = tmp_path / "recall.json"
+    recall.write_text(json.dumps({"results": []}))
+    only = tmp_path / "a.md"
+    only.write_text(page("decode"))
+    with pytest.raises(SystemExit, match="figures:recall"):
+        run_script(monkeypatch, "--recall", str(recall), "--files", str(only))
+    assert only.read_text() == page("decode")
