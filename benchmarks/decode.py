@@ -25,7 +25,7 @@ reset before each engine) while decoding.
 
 Check on the trained model (width 128): greedy generation of --check-tokens tokens through generate() (cache,
 batch-invariant, sliding as shipped) by the dense and the event model: identical tokens, identical spikes at every
-LIF of every forward, logits within 1e-5 relative. Targets (issue 11): at width 1024 events tokens/s >= ann (aim 2x)
+LIF of every forward, logits within 1e-5 relative. Targets: at width 1024 events tokens/s >= ann (aim 2x)
 and >= 3x dense.
 """
 

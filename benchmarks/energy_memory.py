@@ -1,5 +1,5 @@
-"""Peak memory of the energy measure against the number of validation windows (issue 13: `energy --windows 100000`
-was killed for memory). Each measure runs in a fresh child process; its peak RSS comes from wait4.
+"""Peak memory of the energy measure against the number of validation windows (`energy --windows 100000` was once
+killed for memory; windows are now streamed). Each measure runs in a fresh child process; its peak RSS comes from wait4.
 
     python benchmarks/energy_memory.py /work/runs/dev/spikedecoder [--windows 16] [--factor 10]
 

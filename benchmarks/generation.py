@@ -11,7 +11,7 @@ would take (plain model(idx), not under batch_invariant, so it is not even exact
 Repeats go round-robin over the contexts, so a busy spell on a shared machine hits every context alike.
 Weights are random: the cost of a forward does not depend on them (dense kernels; spikes are stored as floats).
 
-Targets (issue #4, 2-core CPU): incremental >= 10x faster than recompute at context 1024, and the incremental
+Targets (2-core CPU): incremental >= 10x faster than recompute at context 1024, and the incremental
 per-token time at 1024 within 1.5x of that at 64.
 """
 

@@ -5,7 +5,7 @@
 Shapes are those of a model layer: (T, B*S, width) with T=4 and B*S = 32*128 = 4096 tokens, width 512 (n_embd) and
 2048 (the MLP's hidden layer). Each backend is warmed up first (the fused one compiles there, ~10 s per variant), then
 one iteration is LIF forward plus the backward of a fixed upstream gradient, the two backends timed in alternating
-rounds; the median over repeats is reported, in ms, with the speedup loop / fused (the issue's target is >= 3x).
+rounds; the median over repeats is reported, in ms, with the speedup loop / fused (the target is >= 3x).
 The spikes and input gradients of the two backends are compared once, so the timing is of two implementations that
 agree.
 """

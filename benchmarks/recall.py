@@ -18,7 +18,7 @@ where the CPU has them natively (`--precision`; about 4.5 minutes per spiking va
 the ANN about 1.5; fp32 takes about 7.5). Evaluation runs in fp32 on a fixed set
 drawn from a separate seed (256 sequences per task). Variants:
     ann            the ANN (softmax attention)
-    window-2       the spiking model attending to the current and previous token (make run's setting before issue 10)
+    window-2       the spiking model attending to the current and previous token (make run's setting until 2026-12-01)
     whole-context  the spiking model with a plain running sum over the whole context (the preset's old default)
     spikedecoder   the `spikedecoder` preset as shipped (window heads beside whole-context heads, key convolution,
                    coincidence normaliser of squared coincidence counts, threshold 0.5, ATan surrogate alpha 1)

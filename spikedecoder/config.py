@@ -351,15 +351,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         head="spiking",
         head_lif=True,
         norm="layer",
-        # issue 10: window heads beside whole-context heads whose keys read the previous token, A V a weighted mean
+        # window heads beside whole-context heads whose keys read the previous token, A V a weighted mean
         # (coincidence normaliser) of squared coincidences then LayerNorm; a lower threshold and a wider surrogate let
-        # gradients through enough neurons for the lookup to form (benchmarks/recall.py, docs/results.md)
+        # gradients through enough neurons for the lookup to form (benchmarks/recall.py, docs/attention.md)
         attn_window=[2, 0],  # repeated over the heads: [2, 0, 2, 0] with 4
         attn_norm="coincidence",
         attn_key_conv=True,
         av_norm=True,
         v_threshold=0.5,
         surrogate_alpha=1.0,
-        attn_power=2,  # squared coincidence counts: a sharper lookup, recall robust across seeds (session 3)
+        attn_power=2,  # squared coincidence counts: a sharper lookup, recall robust across seeds (recall.py --seed)
     ),
 }

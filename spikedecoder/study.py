@@ -1,4 +1,4 @@
-"""The study (issue #5): train a grid of variants of the ablation ladder, measure each one's quality and energy per
+"""The study: train a grid of variants of the ablation ladder, measure each one's quality and energy per
 token, and write the quality-vs-energy frontier. `spikedecoder study configs/studies/default.toml --out runs/study`.
 
 A study file is TOML, laid out like configs/run.toml plus a list of variants:
