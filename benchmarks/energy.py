@@ -1,4 +1,4 @@
-"""Energy per token of trained models against an ANN baseline, under every energy preset: the README's table.
+"""Energy per token of trained models against an ANN baseline, under every energy preset: the table of docs/energy.md.
 
     python benchmarks/energy.py runs/make-run/spikedecoder [more checkpoints] --baseline runs/make-run/ann
         [--windows 4] [--plot energy.png]

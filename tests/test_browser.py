@@ -6,7 +6,7 @@ counts them (from the click to the last token drawn) over a 300-token stream wit
 chromium, chromedriver or selenium is missing, unless SPIKEDECODER_REQUIRE_BROWSER=1 (as the make target sets), which
 turns the skip into a failure.
 
-Also a script: the README's screenshot, `python tests/test_browser.py RUN --baseline ANN_RUN --out docs/serve.png`,
+Also a script: docs/serve.png, `python tests/test_browser.py RUN --baseline ANN_RUN --out docs/serve.png`,
 and the page's speed on trained checkpoints, `python tests/test_browser.py RUN --baseline ANN_RUN --speed 300`.
 """
 
