@@ -1,4 +1,4 @@
-"""Issue 13: nothing lost, nothing ignored. An existing run is never overwritten unasked; every bad input ends with
+"""Nothing lost, nothing ignored. An existing run is never overwritten unasked; every bad input ends with
 exit code 2, one `error:` line naming the problem and the fix, nothing on stdout, and the files that were there
 byte-identical; output paths are checked before any work; a closed pipe ends quietly; help shows defaults."""
 
