@@ -2,7 +2,7 @@
 command.
 
     python benchmarks/readme_figures.py --run runs/make-run [--recall docs/recall.json] [--decode docs/decode.json]
-        [--files README.md docs/*.md] [--check]
+        [--study frontier=runs/study-frontier ...] [--files README.md docs/*.md] [--check]
 
 Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` and is replaced whole in every file that
 holds those markers (README.md and docs/*.md unless --files names others):
@@ -13,7 +13,10 @@ holds those markers (README.md and docs/*.md unless --files names others):
   and the sentences that quote it (the saving with weight reads, incremental decoding's saving), so that the
   prose cannot disagree with its table;
 - recall: the JSON of `python benchmarks/recall.py --json` (one row per variant);
-- decode: the JSON of `python benchmarks/decode.py --json` (one row per width and engine).
+- decode: the JSON of `python benchmarks/decode.py --json` (one row per width and engine);
+- NAME for each `--study NAME=DIR`: the table of a finished `spikedecoder study ... --out DIR` (DIR/results.md, one
+  row per variant, with the study's command), and its frontier and gap-vs-saving plots, copied to
+  docs/NAME_frontier.png and docs/NAME_gap_vs_saving.png.
 A block whose source is not given is left as it is; a block whose source is given but that no file holds is an
 error. `--check` changes nothing and exits 1 if a block would change in any file.
 """
@@ -169,11 +172,42 @@ def fill(texts: dict[Path, str], blocks: dict[str, str]) -> dict[Path, str]:
     return out
 
 
+STUDY_PLOTS = ("frontier.png", "gap_vs_saving.png")
+
+
+def study_block(name: str, study: Path, docs: Path, write: bool) -> str:
+    """A study's results table (the first table of DIR/results.md) under the command that measured it, and its
+    plots, copied into docs/ (only when `write`: --check copies nothing)."""
+    text = (study / "results.md").read_text()
+    command = re.search(r"^Command: (.+)$", text, re.M)
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if command is None or start is None:
+        raise SystemExit(f"error: {study / 'results.md'} holds no study table; run the study to its end first")
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    missing = [line for line in lines if line.startswith("Not yet measured")]
+    parts = [f"Measured with {command.group(1)}:", "", *lines[start:end], *(["", *missing] if missing else [])]
+    for plot in STUDY_PLOTS:
+        if (study / plot).exists():
+            target = docs / f"{name}_{plot}"
+            if write:
+                target.write_bytes((study / plot).read_bytes())
+            parts += ["", f"![{name}: {plot[:-4].replace('_', ' ')}]({target.name})"]
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a `make run` output folder (results.json, spikedecoder/, ann/)")
     parser.add_argument("--recall", type=Path, help="JSON written by benchmarks/recall.py --json")
     parser.add_argument("--decode", type=Path, help="JSON written by benchmarks/decode.py --json")
+    parser.add_argument(
+        "--study",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="fill block NAME from a finished study's DIR (repeatable)",
+    )
     parser.add_argument("--files", type=Path, nargs="+", help="pages to fill (default: README.md and docs/*.md)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any page would change; write nothing")
     args = parser.parse_args()
@@ -189,6 +223,11 @@ def main() -> None:
         blocks["recall"] = recall_block(args.recall)
     if args.decode:
         blocks["decode"] = decode_block(args.decode)
+    for item in args.study:
+        name, _, folder = item.partition("=")
+        if not name or not folder or not (Path(folder) / "results.md").exists():
+            raise SystemExit(f"error: --study {item!r}: give NAME=DIR with DIR a study's --out folder (results.md)")
+        blocks[name] = study_block(name, Path(folder), Path("docs"), write=not args.check)
     old = {path: path.read_text() for path in (args.files or default_files())}
     new = fill(old, blocks)
     changed = [path for path in new if new[path] != old[path]]

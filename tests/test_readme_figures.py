@@ -104,3 +104,29 @@ def test_a_block_that_no_page_holds_is_an_error(tmp_path: Path, monkeypatch) -> 
     with pytest.raises(SystemExit, match="figures:recall"):
         run_script(monkeypatch, "--recall", str(recall), "--files", str(only))
     assert only.read_text() == page("decode")
+
+
+def test_study_block_takes_the_table_command_and_plots(tmp_path, monkeypatch):
+    """A study's block: its command, its table row for row, what is still missing, and its plots copied into docs/
+    (not under --check)."""
+    study, docs = tmp_path / "study", tmp_path / "docs"
+    study.mkdir()
+    docs.mkdir()
+    table = ["| variant | val bits/char |", "|---|---:|", "| ann | 2.350 |", "| make-run | 2.373 |"]
+    (study / "results.md").write_text(
+        "# Study results\n\nCommand: `spikedecoder study s.toml --out study`\n\n"
+        + "\n".join(table)
+        + "\n\nNot yet measured: seed1 (rerun the command to continue).\n\n## Findings\n\n| other | table |\n"
+    )
+    (study / "frontier.png").write_bytes(b"png-bytes")
+    script = load_script()
+    block = script.study_block("frontier", study, docs, write=False)
+    assert block.startswith("Measured with `spikedecoder study s.toml --out study`:")
+    assert "\n".join(table) in block and "| other | table |" not in block
+    assert "Not yet measured: seed1" in block and "(frontier_frontier.png)" in block
+    assert not (docs / "frontier_frontier.png").exists()
+    script.study_block("frontier", study, docs, write=True)
+    assert (docs / "frontier_frontier.png").read_bytes() == b"png-bytes"
+    (study / "results.md").write_text("# Study results\n\nnothing yet\n")
+    with pytest.raises(SystemExit, match="no study table"):
+        script.study_block("frontier", study, docs, write=False)
