@@ -78,7 +78,13 @@ static float *read_tensor(Reader *r, size_t expected, const char *what) {
     need(r, (size_t)n * 4, what);
     float *t = malloc(expected * sizeof(float) + 1);
     if (!t) die("out of memory reading", what);
-    for (size_t i = 0; i < expected; i++) t[i] = read_f32(r, what);
+    const uint32_t one = 1;
+    if (*(const unsigned char *)&one == 1) {  /* a little-endian host: the bytes as they are */
+        memcpy(t, r->data + r->at, expected * sizeof(float));
+        r->at += expected * sizeof(float);
+    } else {
+        for (size_t i = 0; i < expected; i++) t[i] = read_f32(r, what);
+    }
     return t;
 }
 

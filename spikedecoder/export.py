@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, SpikeDecoderConfig
+from .config import ConfigError
 from .model import SpikeDecoder
 from .norms import LayerNorm, PowerNorm, SeqBatchNorm
 
@@ -65,6 +65,11 @@ def check_exportable(model: SpikeDecoder, tokenizer: Any) -> str:
     cfg = model.config
     if getattr(tokenizer, "kind", None) != "char":
         _refuse(f"a {getattr(tokenizer, 'kind', '?')!r} tokenizer", "train with tokenizer='char'")
+    if len(tokenizer.chars) != cfg.vocab_size:
+        _refuse(
+            f"a vocabulary of {len(tokenizer.chars)} characters for vocab_size={cfg.vocab_size}",
+            "export the checkpoint with the tokenizer it was trained with",
+        )
     ann = (cfg.attention, cfg.mlp, cfg.head) == ("softmax", "gelu", "float")
     spiking = (cfg.attention, cfg.mlp, cfg.head) == ("spiking", "spiking", "spiking")
     if not (ann or spiking):
