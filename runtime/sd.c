@@ -808,6 +808,23 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* peak resident memory in KiB: this program's own high-water mark (VmHWM; getrusage's ru_maxrss on Linux also
+   counts the process that exec'ed sd, e.g. a Python parent), getrusage where /proc is not there */
+static long peak_rss_kib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kib = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmHWM:", 6) == 0) kib = strtol(line + 6, NULL, 10);
+    if (f) fclose(f);
+    if (kib < 0) {
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        kib = ru.ru_maxrss;
+    }
+    return kib;
+}
+
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -881,8 +898,7 @@ int main(int argc, char **argv) {
     double elapsed = now() - t0;
     if (!quiet) fputc('\n', stdout);
     if (logf) fclose(logf);
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
+    long peak_kib = peak_rss_kib();
     /* the median step: a decoding step of one token (steps that re-prefill after a slide are the few slow ones) */
     double median = 0;
     if (n_new > 1) {
@@ -893,12 +909,12 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 10; i++) pj += m->ops[i] * PRICE[i];
     fprintf(stderr, "%s: %d tokens in %.3f s, %.1f tokens/s (median step %.3f ms), %ld tokens fed, peak RSS %ld KiB,"
             " %.1f spikes/token, %.1f pJ/token (fp32 45 nm)\n", m->c[KIND] == ANN ? "ann" : "spiking", n_new, elapsed,
-            n_new / (elapsed > 0 ? elapsed : 1e-9), median * 1e3, m->tokens_fed, ru.ru_maxrss, m->spikes * per,
+            n_new / (elapsed > 0 ? elapsed : 1e-9), median * 1e3, m->tokens_fed, peak_kib, m->spikes * per,
             pj * per);
     fprintf(stderr, "stats:{\"engine\":\"%s\",\"tokens\":%d,\"seconds\":%.6f,\"tokens_per_s\":%.3f,\"median_ms\":%.5f,"
             "\"tokens_fed\":%ld,\"peak_rss_kib\":%ld,\"spikes_per_token\":%.3f,\"pj_per_token\":%.3f,\"ops_per_token\":{",
             m->c[KIND] == ANN ? "c-ann" : "c-events", n_new, elapsed, n_new / (elapsed > 0 ? elapsed : 1e-9),
-            median * 1e3, m->tokens_fed, ru.ru_maxrss, m->spikes * per, pj * per);
+            median * 1e3, m->tokens_fed, peak_kib, m->spikes * per, pj * per);
     for (int i = 0; i < 10; i++) fprintf(stderr, "%s\"%s\":%.3f", i ? "," : "", OP_NAMES[i], m->ops[i] * per);
     fprintf(stderr, "}}\n");
     return 0;
