@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as torch_decode  # noqa: E402  (benchmarks/decode.py: the random models and PyTorch's timing)
 
 from spikedecoder.export import export_model  # noqa: E402
+from spikedecoder.neurons import LIF  # noqa: E402
 from spikedecoder.rundir import load_checkpoint, validation_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,12 @@ def main() -> None:
     build_sd()
     trained, tokenizer, meta = load_checkpoint(run / "spikedecoder")
     ann_trained = load_checkpoint(run / "ann")[0]
+    # the loop LIF gives the fused kernel's spikes without compiling it (the calibration only runs forwards); the
+    # random wider models take the setting from this config
+    trained.config.lif_backend = "loop"
+    for m in trained.modules():
+        if isinstance(m, LIF):
+            m.backend = "loop"
     text = validation_ids(meta, tokenizer)
     prompt_ids = text[: args.prompt][None]
     prompt = tokenizer.decode(prompt_ids[0].tolist())
