@@ -1,4 +1,4 @@
-"""Command line: `spikedecoder train | compare | generate | evaluate | info | energy | study | serve`."""
+"""Command line: `spikedecoder train | compare | generate | evaluate | info | energy | study | serve | export`."""
 
 from __future__ import annotations
 
@@ -339,6 +339,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+    from .rundir import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(args.checkpoint)
+    summary = export_model(model, tokenizer, args.out_file)
+    print(f"wrote {args.out_file}: {summary['kind']} model, {summary['bytes']:,} bytes; run it with runtime/sd")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -476,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the model steps (default 1: one token's step is too small to split over "
                    "cores, and the browser needs one)")  # fmt: skip
+
+    p = command("export", "Write a trained model to one binary file for the standalone C runtime (runtime/sd).")
+    p.add_argument("checkpoint", help="run or checkpoint directory")
+    p.add_argument("out_file", metavar="OUT.bin", help="file to write (format: runtime/README.md)")
+    p.set_defaults(func=cmd_export)
 
     try:
         from . import study

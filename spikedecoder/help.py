@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 
 EXAMPLES = {
+    "export": """examples:
+  spikedecoder export runs/make-run/spikedecoder snn.bin && make -C runtime && runtime/sd snn.bin -p "ROMEO:"
+  spikedecoder export runs/make-run/ann ann.bin       # the ANN twin runs in the same runtime""",
     "train": """examples:
   spikedecoder train configs/run.toml --preset spikedecoder --out runs/snn
   spikedecoder train configs/run.toml --preset ann --data my.txt --steps 2000 --out runs/ann
