@@ -246,17 +246,17 @@ def test_a_short_window_list_repeats_over_the_heads() -> None:
     assert SpikeDecoder(cfg).blocks[0].attn.long == [1, 3]
 
 
-def test_degree_2_attention_fires_at_make_runs_settings() -> None:
-    """configs/run.toml's spikedecoder with residual=2, thresholds and scale untouched (1 and 0.125), freshly built:
-    the score LIFs and the attention-output LIFs of every block fire (they stayed silent, rate 0.0, when the
-    score LIF saw the count times 0.125)."""
-    from pathlib import Path
-
+def test_degree_2_attention_fires_at_window_2_settings() -> None:
+    """The window-2 spiking model (binary spikes at T = 4, key convolution) with residual=2, thresholds and scale
+    untouched (1 and 0.125), freshly built: the score LIFs and the attention-output LIFs of every block fire (they
+    stayed silent, rate 0.0, when the score LIF saw the count times 0.125)."""
     from spikedecoder.neurons import LIF
-    from spikedecoder.settings import load_config_file, model_config
 
-    run = Path(__file__).resolve().parents[1] / "configs" / "run.toml"
-    cfg = model_config(load_config_file(str(run), ["model.residual=2", 'model.lif_backend="loop"']), "spikedecoder")
+    cfg = SpikeDecoderConfig.from_preset(
+        "spikedecoder", vocab_size=65, n_layer=2, n_head=4, n_embd=128, max_len=64, combine="concat", residual=2,
+        v_threshold=1.0, attn_window=2, attn_key_conv=True, attn_norm="none", av_norm=True, attn_power=1,
+        surrogate_alpha=2.0, lif_backend="loop",
+    )  # fmt: skip
     assert (cfg.residual, cfg.v_threshold, cfg.scale) == (2, 1.0, 0.125)
     torch.manual_seed(0)
     model = SpikeDecoder(cfg).eval()
