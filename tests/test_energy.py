@@ -763,12 +763,17 @@ def test_linear_and_matmul_counts_agree_with_spikingjelly(preset, overrides, dea
             assert r["charged"] * r["input_size"] == r["dense"] * r["input_nnz"]
     skipped = sum(r["dense"] - r["charged"] for r in linear if r["kind"] == "mac")
     assert (skipped > 0) == dead_gelus, "exact zeros reach a float Linear only where GELU outputs were killed"
-    ours = sum(
-        (r["dense"] if r["kind"] == "mac" else r["computed"] if all(r["binary"]) else r["fanout"]) * r["repeats"]
-        for r in ops.products
-    )
+
+    def sj_rule(r: dict) -> int:  # graded spike counts are not spikes to SpikingJelly: it counts them densely
+        if r["kind"] == "mac" or not any(r["binary"]):
+            return r["dense"]
+        return r["computed"] if all(r["binary"]) else r["fanout"]
+
+    ours = sum(sj_rule(r) * r["repeats"] for r in ops.products)
     once = [r for r in linear if r["repeats"] > 1]
-    assert bool(once) == (preset != "ann"), "the spike-coded embedding is the same at every step: charged once"
-    total = sum(sum(c.values()) for c in sj.values())
+    repeated = preset != "ann" and model.config.timesteps > 1  # at T = 1 nothing repeats
+    assert bool(once) == repeated, "the spike-coded embedding is the same at every step: charged once"
+    # a third rule: SpikingJelly charges the BatchNorm it sees run; we fold it into its Linear (no work at inference)
+    total = sum(v for c in sj.values() for op, v in c.items() if "batch_norm" not in str(op))
     assert total > 0
     assert math.isclose(ours, total, rel_tol=0.01)
