@@ -38,7 +38,7 @@ def table(header: list[str], rows: list[list[str]], align: str = "") -> str:
     return "\n".join(["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def make_run_block(run: Path) -> str:
+def make_run_block(run: Path, reports: tuple[dict, dict, int]) -> str:
     results = json.loads((run / "results.json").read_text())
     rows = []
     for name, r in results.items():
@@ -48,7 +48,7 @@ def make_run_block(run: Path) -> str:
             + [f"**{val['bits_per_char']:.3f}**", f"{val['accuracy']:.3f}"]
         )
     header = ["model", "params", "steps", "train s", "val bits/char", "val accuracy"]
-    c = compare_reports(*measured_energy(run))
+    c = compare_reports(*reports[:2])
     bpc = {name: r["val"]["bits_per_char"] for name, r in results.items()}
     return table(header, rows, "|---|---:|---:|---:|---:|---:|") + (
         f"\n\nFrom `{run}/results.json`. The spiking model is {100 * (bpc['spikedecoder'] / bpc['ann'] - 1):.1f} % "
@@ -58,18 +58,18 @@ def make_run_block(run: Path) -> str:
     )
 
 
-def measured_energy(run: Path, windows: int = 4) -> tuple[dict, dict]:
-    """The energy reports of make run's two checkpoints on the same validation windows (fp32)."""
+def measured_energy(run: Path, windows: int = 4) -> tuple[dict, dict, int]:
+    """The energy reports of make run's two checkpoints on the same validation windows (fp32), and the window
+    length: measured once, quoted by the make-run and energy blocks."""
     model, tokenizer, meta = load_checkpoint(run / "spikedecoder")
     base = load_checkpoint(run / "ann")[0]
     idx = validation_windows(validation_ids(meta, tokenizer), model.config.max_len, windows)
-    return energy_report(model, idx), energy_report(base, idx[:, : base.config.max_len])
+    return energy_report(model, idx), energy_report(base, idx[:, : base.config.max_len]), model.config.max_len
 
 
-def energy_block(run: Path, windows: int = 4) -> str:
-    snn, ann = measured_energy(run, windows)
+def energy_block(run: Path, reports: tuple[dict, dict, int], windows: int = 4) -> str:
+    snn, ann, max_len = reports
     c = compare_reports(snn, ann)
-    max_len = load_checkpoint(run / "spikedecoder")[0].config.max_len
     rows = [[place, f"{v['snn']:,.0f}", f"{v['ann']:,.0f}"] for place, v in sorted(c["per_subblock_pj"].items())]
     rows.append(["**total**", f"**{c['snn_pj_per_token']:,.0f}**", f"**{c['ann_pj_per_token']:,.0f}**"])
     lines = [
@@ -229,8 +229,9 @@ def main() -> None:
             raise SystemExit(f"error: {path} does not exist; run the command that writes it first")
     blocks = {}
     if args.run:
-        blocks["make-run"] = make_run_block(args.run)
-        blocks["energy"] = energy_block(args.run)
+        reports = measured_energy(args.run)
+        blocks["make-run"] = make_run_block(args.run, reports)
+        blocks["energy"] = energy_block(args.run, reports)
         blocks["energy-presets"] = presets_block(args.run)
     if args.recall:
         blocks["recall"] = recall_block(args.recall)
