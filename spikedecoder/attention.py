@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import SpikeDecoderConfig
 from .energy_places import energy_scope
-from .layers import Linear, LinearNorm, TokenShift, make_lif
+from .layers import ChannelConv, Linear, LinearNorm, TokenShift, make_lif, token_convs
 from .norms import LayerNorm, make_norm
 
 
@@ -57,6 +57,11 @@ def extend_kv(state: dict | None, k: Tensor, v: Tensor, keep: int | None = None)
     return k, v
 
 
+def _conv(conv: ChannelConv | None, z: Tensor, state: dict | None) -> Tensor:
+    """z mixed over the last tokens by its per-channel convolution (conv_mode 'channel'), or z as it is."""
+    return z if conv is None else conv(z, state)
+
+
 def _first(xs: Tensor, layer: LinearNorm) -> Tensor:
     """The leading columns of a token shift's output that `layer` reads (its own width of the convolution)."""
     width = layer.linear.in_features
@@ -88,9 +93,12 @@ class SpikingSelfAttention(nn.Module):
         self.scale = cfg.scale
         self.in_lif = None if input_spikes else make_lif(cfg, e, "attn_in")
         key_width = max(cfg.token_conv, 2 if cfg.attn_key_conv else 1)  # the key convolution reads 2 tokens
-        self.shift = TokenShift(max(cfg.token_conv, key_width), "attn_shift")
-        self.q, self.v = (LinearNorm(cfg.token_conv * e, e, cfg.norm, cfg.bias) for _ in range(2))
-        self.k = LinearNorm(key_width * e, e, cfg.norm, cfg.bias)
+        reads, self.q_conv = token_convs(cfg, cfg.token_conv, e, "q_conv", "qkv")
+        key_reads, self.k_conv = token_convs(cfg, key_width, e, "k_conv", "qkv")
+        self.v_conv = token_convs(cfg, cfg.token_conv, e, "v_conv", "qkv")[1]
+        self.shift = TokenShift(max(reads, key_reads), "attn_shift")
+        self.q, self.v = (LinearNorm(reads * e, e, cfg.norm, cfg.bias) for _ in range(2))
+        self.k = LinearNorm(key_reads * e, e, cfg.norm, cfg.bias)
         self.q.energy_place = self.k.energy_place = self.v.energy_place = "qkv"
         if cfg.attn_key_init == "previous":
             self._key_reads_previous_query()
@@ -133,9 +141,11 @@ class SpikingSelfAttention(nn.Module):
         if self.in_lif is not None:
             x = self.in_lif(x)
         xs = self.shift(x, state)  # [x_i, x_{i-1}, ...]: each projection reads its first token_conv (key: more)
-        q = split_heads(self.q_lif(self.q(_first(xs, self.q))), self.n_head)  # (T, B, H, S, d_h) spikes
-        k = split_heads(self.k_lif(self.k(_first(xs, self.k))), self.n_head)
-        v = split_heads(self.v_lif(self.v(_first(xs, self.v))), self.n_head)
+        q, k, v = (
+            split_heads(lif(_conv(conv, layer(_first(xs, layer)), state)), self.n_head)  # (T, B, H, S, d_h) spikes
+            for layer, conv, lif in ((self.q, self.q_conv, self.q_lif), (self.k, self.k_conv, self.k_lif),
+                                     (self.v, self.v_conv, self.v_lif))
+        )  # fmt: skip
         if self.binary_scores:
             y = self._binary_scores(q, k, v, state)
         elif not self.local:
@@ -272,8 +282,9 @@ class SoftmaxAttention(nn.Module):
         e = cfg.n_embd
         self.n_head = cfg.n_head
         self.ln = LayerNorm(e)
-        self.shift = TokenShift(cfg.token_conv, "attn_shift")
-        self.qkv = Linear(cfg.token_conv * e, 3 * e, bias=cfg.bias)
+        reads, self.qkv_conv = token_convs(cfg, cfg.token_conv, 3 * e, "qkv_conv", "qkv")
+        self.shift = TokenShift(reads, "attn_shift")
+        self.qkv = Linear(reads * e, 3 * e, bias=cfg.bias)
         windows = cfg.head_windows
         self.window = None if set(windows) == {None} else windows[0] if len(set(windows)) == 1 else tuple(windows)
         self.keep = None if None in windows else max(windows) - 1  # keys decoding still needs
@@ -282,7 +293,8 @@ class SoftmaxAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
-        q, k, v = (split_heads(t, self.n_head) for t in self.qkv(self.shift(self.ln(x), state)).chunk(3, dim=-1))
+        qkv = _conv(self.qkv_conv, self.qkv(self.shift(self.ln(x), state)), state)
+        q, k, v = (split_heads(t, self.n_head) for t in qkv.chunk(3, dim=-1))
         k, v = extend_kv(state, k, v, self.keep)
         s, past = q.shape[-2], k.shape[-2] - q.shape[-2]
         mask = causal_mask(s, past, x.device, self.window)

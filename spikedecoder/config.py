@@ -85,6 +85,10 @@ class SpikeDecoderConfig:
     attn_key_conv: bool = False  # keys read the previous token too (a causal convolution of width 2 before K)
     token_conv: int = 1  # Q, K and V read the last K tokens' inputs (a causal convolution of width K; 1: own token)
     mlp_conv: int = 1  # the MLP's first Linear reads the last K tokens' inputs likewise
+    # "full": the Linear reads the K tokens' inputs (K times its weights); "channel": it reads its own token and a
+    # per-channel causal convolution of width K mixes its outputs over the last K tokens (H3's and Mamba's short
+    # convolution: the weights and their accumulates once, plus K multiplies per output channel)
+    conv_mode: str = "full"
     attn_key_init: str = "random"  # "previous": keys start as the previous token's query code (needs attn_key_conv)
     attn_power: int = 1  # 2: square the coincidence counts, (q.k)^2, a sharper lookup (decoding state d_h^2 x d_h);
     # under residual=2 the scores are binary, their own squares, so it changes nothing there
@@ -134,6 +138,7 @@ class SpikeDecoderConfig:
         for name in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "mlp_ratio", "token_conv", "mlp_conv"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        choice("conv_mode", ("full", "channel"))
         need(
             isinstance(self.timesteps, int) and self.timesteps >= 1,
             f"timesteps (T) must be an integer >= 1, got {self.timesteps!r}; use T=1 for the ANN",
@@ -179,10 +184,14 @@ class SpikeDecoderConfig:
         choice("attn_norm", ATTN_NORMS)
         need(
             self.attn_key_init in ("random", "previous")
-            and (self.attn_key_init == "random" or (self.attn_key_conv and self.token_conv == 1)),
-            f"attn_key_init must be 'random' or 'previous' (which needs attn_key_conv=true and token_conv=1: the key "
-            f"reads the previous token only through the key convolution), got {self.attn_key_init!r} with "
-            f"attn_key_conv={self.attn_key_conv}, token_conv={self.token_conv}",
+            and (
+                self.attn_key_init == "random"
+                or (self.attn_key_conv and self.token_conv == 1 and self.conv_mode == "full")
+            ),
+            f"attn_key_init must be 'random' or 'previous' (which needs attn_key_conv=true, token_conv=1 and "
+            f"conv_mode='full': the key reads the previous token's inputs only through the key convolution), got "
+            f"{self.attn_key_init!r} with attn_key_conv={self.attn_key_conv}, token_conv={self.token_conv}, "
+            f"conv_mode={self.conv_mode!r}",
         )
         need(self.attn_power in (1, 2), f"attn_power must be 1 (counts q.k) or 2 (squared), got {self.attn_power!r}")
         if isinstance(window, tuple):

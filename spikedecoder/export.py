@@ -79,6 +79,8 @@ def check_exportable(model: SpikeDecoder, tokenizer: Any) -> str:
         )
     if cfg.float_stages:
         _refuse(f"float_stages={cfg.float_stages}", "remove float_stages (a training diagnostic)")
+    if cfg.conv_mode != "full" and max(cfg.token_conv, cfg.mlp_conv, 2 if cfg.attn_key_conv else 1) > 1:
+        _refuse(f"conv_mode={cfg.conv_mode!r}", "use conv_mode='full'")
     if cfg.encoding != "direct":
         _refuse(f"encoding={cfg.encoding!r}", "use encoding='direct'")
     if cfg.attn_offset:

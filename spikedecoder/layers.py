@@ -1,5 +1,6 @@
 """Linear layers shared by every block: batch-invariant when asked, Linear+Norm pairs that fold at inference, and
-the token shift that turns a Linear into a causal convolution over the last few tokens."""
+the two causal convolutions over the last few tokens: the token shift that widens a Linear's input (conv_mode
+"full") and the per-channel convolution of a Linear's outputs (conv_mode "channel")."""
 
 from __future__ import annotations
 
@@ -154,3 +155,49 @@ class TokenShift(nn.Module):
 
     def extra_repr(self) -> str:
         return f"width={self.width}"
+
+
+class ChannelConv(nn.Module):
+    """y_i = sum_j taps[j] * z_{i-j} over j < K, channel by channel (zeros before the first token): a causal
+    depthwise convolution of a Linear's outputs over tokens, the short convolution of H3 and Mamba. The Linear
+    before it reads one token, so its weights are read, and on spikes accumulated, once per token instead of K
+    times (TokenShift); the mixing costs K multiplies and K-1 adds per channel, float by float.
+
+    Decoding keeps the last K-1 outputs in `state[key]`; the full forward and the step run the same multiplies and
+    adds in the same order, so they agree bit for bit. The taps start at 1 for the token itself and 0.5 for the
+    ones before it (the neighbourhood present from the first step); weight decay leaves them alone (optim.py)."""
+
+    def __init__(self, width: int, channels: int, key: str, place: str):
+        super().__init__()
+        self.width, self.key = width, key
+        self.energy_place = place  # priced with the Linear it mixes (qkv, fc1)
+        self.taps = nn.Parameter(torch.cat([torch.ones(1, channels), torch.full((width - 1, channels), 0.5)]))
+
+    def forward(self, z: Tensor, state: dict | None = None) -> Tensor:
+        steps, keep, s = z.shape[0], self.width - 1, z.shape[-2]
+        invariant = steps > 1 and z.stride(0) == 0
+        if invariant:
+            z = z[:1]
+        past = state.get(self.key) if state is not None else None
+        past = z.new_zeros(*z.shape[:-2], keep, z.shape[-1]) if past is None else past[: z.shape[0]]
+        seq = torch.cat([past, z], dim=-2)  # (..., K-1 + S, C)
+        if state is not None:
+            last = seq[..., seq.shape[-2] - keep :, :]
+            state[self.key] = last.expand(steps, *last.shape[1:])
+        y = z * self.taps[0]
+        for j in range(1, self.width):
+            y = y + seq[..., keep - j : keep - j + s, :] * self.taps[j]
+        return y.expand(steps, *y.shape[1:]) if invariant else y
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, channels={self.taps.shape[1]}"
+
+
+def token_convs(
+    cfg: SpikeDecoderConfig, width: int, channels: int, key: str, place: str
+) -> tuple[int, ChannelConv | None]:
+    """How a Linear of `channels` outputs takes the last `width` tokens under cfg.conv_mode: (the tokens its input
+    holds, the convolution of its outputs or None)."""
+    if width == 1 or cfg.conv_mode == "full":
+        return width, None
+    return 1, ChannelConv(width, channels, key, place)

@@ -17,7 +17,8 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the gradient) became NaN or infinite; the last good checkpoint is kept."""
 
 
-NO_DECAY = ("threshold", "decay_logit", ".table.", "norm", ".ln.")  # parameter names weight decay never touches
+# parameter names weight decay never touches
+NO_DECAY = ("threshold", "decay_logit", ".table.", "norm", ".ln.", ".taps")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

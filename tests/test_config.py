@@ -25,6 +25,12 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, max_len=8, vocab_size=11)
         ("spikedecoder", dict(token_conv=0), r"token_conv must be a positive integer"),
         ("spikedecoder", dict(float_stages=["mlp"]), r"float_stages must be a list of embedding, attn_in, qkv"),
         ("ann", dict(mlp_conv=1.5), r"mlp_conv must be a positive integer"),
+        ("ann", dict(conv_mode="depthwise"), r"conv_mode='depthwise' is not valid; choose one of full, channel"),
+        (
+            "spikedecoder",
+            dict(attn_key_conv=True, attn_key_init="previous", conv_mode="channel"),
+            r"attn_key_init must be .*conv_mode='full'",
+        ),
         ("spiking-attention", dict(attention="softmax", av_norm=True), r"av_norm=True only applies to spiking"),
         ("ann", dict(first_attn_lif=True), r"first_attn_lif=True .*attention='softmax' ignores it"),
         ("spikedecoder", dict(code_dim=8), r"code_dim=8 is ignored: combine='sum'.*use combine='concat'"),

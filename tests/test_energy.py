@@ -439,6 +439,8 @@ VARIANTS = [
     ("spiking-attention", {"encoding": "rate"}),
     ("spikedecoder", {"token_conv": 4, "mlp_conv": 2, "attn_key_conv": True}),
     ("ann", {"attn_window": [2, 0], "token_conv": 3, "mlp_conv": 2}),
+    ("ann", {"attn_window": 2, "token_conv": 3, "mlp_conv": 2, "conv_mode": "channel"}),
+    ("spikedecoder", {"token_conv": 3, "mlp_conv": 2, "attn_key_conv": True, "conv_mode": "channel", "norm": "batch"}),
     ("spikedecoder", {"spike_levels": 3, "timesteps": 1, "token_conv": 2}),
     ("spiking-attention-mlp", {"spike_levels": 2, "bipolar": True}),
     ("spikedecoder", {"learnable_tau": "channel"}),

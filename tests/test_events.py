@@ -54,6 +54,11 @@ MODES = {
     "token-conv-residual1-key-conv": ("spikedecoder", dict(token_conv=2, residual=1, attn_key_conv=True)),
     "token-conv-spiking-attention": ("spiking-attention", dict(token_conv=4, mlp_conv=2)),
     "graded-T1-token-conv": ("spikedecoder", dict(spike_levels=4, timesteps=1, token_conv=3, mlp_conv=2)),
+    "graded-T1-channel-conv": (
+        "spikedecoder",
+        dict(spike_levels=4, qkv_levels=4, timesteps=1, token_conv=3, mlp_conv=2, conv_mode="channel", norm="batch"),
+    ),
+    "channel-conv-residual1": ("spikedecoder", dict(token_conv=2, mlp_conv=3, residual=1, conv_mode="channel")),
     "graded-bipolar-batchnorm": ("spikedecoder", dict(spike_levels=2, bipolar=True, norm="batch")),
     "graded-qkv-dual-path": (
         "spikedecoder",

@@ -127,16 +127,34 @@ def test_incremental_is_exactly_the_full_recompute(preset: str, residual: int, n
     check_incremental(make_model(preset, max_len=112, residual=residual, norm=norm, timesteps=2))
 
 
-@pytest.mark.parametrize("preset, residual, norm", MODES + OTHER_PRESETS)
-def test_token_convolutions_decode_exactly(preset: str, residual: int, norm: str) -> None:
-    """Q, K, V reading the last 4 tokens and the MLP the last 3: each layer's decoding state keeps the inputs the
-    convolutions still need, and every cached step is bitwise the full forward."""
-    model = make_model(preset, max_len=112, residual=residual, norm=norm, timesteps=2, token_conv=4, mlp_conv=3)
-    check_incremental(model)
+@pytest.mark.parametrize("conv_mode", ["full", "channel"])
+@pytest.mark.parametrize("preset, residual, norm", MODES + OTHER_PRESETS + [("ann", 0, "layer")])
+def test_token_convolutions_decode_exactly(preset: str, residual: int, norm: str, conv_mode: str) -> None:
+    """Q, K, V reading the last 4 tokens and the MLP the last 3, either as a wider input (full) or as per-channel
+    convolutions of their outputs (channel): each layer's decoding state keeps what the convolutions still need,
+    and every cached step is bitwise the full forward."""
+    model = make_model(
+        preset, max_len=112, residual=residual, norm=norm, timesteps=2, token_conv=4, mlp_conv=3, conv_mode=conv_mode
+    )
+    if preset == "ann":  # softmax attention's step is exact up to its fused kernel's float order
+        seq = generate_ids(model, prompt(8), 60, greedy=True)[:, :-1]
+        with torch.no_grad(), batch_invariant():
+            full = model(seq)
+        torch.testing.assert_close(cached_logits(model, seq, prefill=8), full, rtol=1e-5, atol=1e-5)
+    else:
+        check_incremental(model)
     cache = model.new_cache()
     with torch.no_grad():
         model(prompt(9), cache)
-    assert cache.layers[1]["attn_shift"].shape[-2] == 3 and cache.layers[1]["mlp_shift"].shape[-2] == 2
+    kept = {k: v.shape[-2] for k, v in cache.layers[1].items() if "shift" in k or "conv" in k}
+    if conv_mode == "full":
+        assert kept["attn_shift"] == 3 and kept["mlp_shift"] == 2
+    elif preset == "ann":
+        assert kept == {"qkv_conv": 3, "fc1_conv": 2}, kept
+    else:  # the convolutions keep outputs; the inputs are read once (spiking attention: no MLP convolution state
+        # where the MLP is a float one)
+        assert {kept[k] for k in ("q_conv", "k_conv", "v_conv")} == {3} and "attn_shift" not in kept
+        assert kept.get("fc1_conv") == 2 and "mlp_shift" not in kept
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch", "power", "none"])
@@ -229,11 +247,17 @@ def test_ann_window_and_token_convolution_match_recompute(window) -> None:
 
 @pytest.mark.parametrize("preset", ["ann", "spikedecoder"])
 @pytest.mark.parametrize("window, conv, mlp_conv", [(2, 1, 1), (2, 4, 1), (3, 2, 3)])
-def test_a_token_reaches_exactly_as_far_as_windows_and_convolutions_allow(preset, window, conv, mlp_conv) -> None:
-    """Per layer a token looks back (window - 1) + (token_conv - 1) + (mlp_conv - 1) tokens, no further: the ANN
-    given a window and a convolution sees the same neighbourhood as the spiking model given them."""
+@pytest.mark.parametrize("conv_mode", ["full", "channel"])
+def test_a_token_reaches_exactly_as_far_as_windows_and_convolutions_allow(
+    preset, window, conv, mlp_conv, conv_mode
+) -> None:
+    """Per layer a token looks back (window - 1) + (token_conv - 1) + (mlp_conv - 1) tokens, no further, whichever
+    form the convolutions take: the ANN given a window and a convolution sees the same neighbourhood as the spiking
+    model given them."""
     extra = dict(attn_key_conv=False) if preset == "spikedecoder" else {}
-    model = make_model(preset, max_len=64, attn_window=window, token_conv=conv, mlp_conv=mlp_conv, **extra)
+    model = make_model(
+        preset, max_len=64, attn_window=window, token_conv=conv, mlp_conv=mlp_conv, conv_mode=conv_mode, **extra
+    )
     x = prompt(40, batch=2)
     changed = x.clone()
     changed[:, 10] = (changed[:, 10] + 1) % V
