@@ -111,9 +111,11 @@ class SpikingSelfAttention(nn.Module):
         local = tuple(windows[h] for h in self.local)
         self.local_window = local[0] if len(set(local)) == 1 else local
         self.keep = max(local, default=1) - 1  # keys a local head still needs from the past
+        self.narrowest = min(local, default=1)  # keys every local head sees
         self.register_buffer("inverse", torch.tensor(self.long + self.local).argsort(), persistent=False)
         self.coincidence_norm = cfg.attn_norm == "coincidence"
-        self.sparse_state = False  # the event engine (events.py) sets it: decoding touches only active state rows
+        # the event engine (events.py) sets it: decoding touches only active state rows and builds no all-ones mask
+        self.sparse_state = False
         self.binary_qkv = cfg.qkv_levels == 1  # the sparse step reads and writes rows of binary features only
         self.power = cfg.attn_power
         self.offset = nn.Parameter(torch.zeros(cfg.n_head, 1, 1)) if cfg.attn_offset else None
@@ -232,6 +234,8 @@ class SpikingSelfAttention(nn.Module):
         """Window heads: an explicit score map over the last W keys; decoding keeps the last W-1 keys and values
         (O(W) per token, still exact)."""
         k, v = extend_kv(state, k, v, self.keep)
+        if self.sparse_state and q.shape[-2] == 1 and k.shape[-2] <= self.narrowest and self.offset is None:
+            return self._window_step(q, k, v)
         mask = causal_mask(q.shape[-2], k.shape[-2] - q.shape[-2], q.device, self.local_window)
         scores = self._scores(q, k, mask)
         with energy_scope("values"):
@@ -240,6 +244,15 @@ class SpikingSelfAttention(nn.Module):
             den = scores.sum(-1, keepdim=True) if self.coincidence_norm else None
             vsum = mask.to(v.dtype) @ v if self.offset is not None else None
             return self._finish(y, den, vsum, self.local)
+
+    def _window_step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One decoded token whose every kept key lies in its window (the event engine's step): the mask would be
+        all ones, and multiplying by it changes nothing, so no mask is built."""
+        scores = q @ k.transpose(-1, -2)
+        if self.power == 2:
+            scores = scores * scores
+        y = scores @ v
+        return self._finish(y, scores.sum(-1, keepdim=True) if self.coincidence_norm else None, None, self.local)
 
     def _finish(self, y: Tensor, den: Tensor | None, vsum: Tensor | None, heads: list[int]) -> Tensor:
         if vsum is not None:

@@ -31,7 +31,6 @@ input; at run time it checks again and falls back to the dense product on an inp
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import threading
 import warnings
@@ -100,19 +99,23 @@ MAX_KERNEL_STEPS = 64  # the kernel packs a token's steps into one 64-bit word
 _kernel_guard = threading.Lock()
 
 
-@functools.cache
-def _load_event_kernel():
-    source = Path(__file__).parent / "kernels" / "events.cpp"
-    return load_kernel("spikedecoder_events", source, ["-O3", "-ffp-contract=off"])
+_resolved: list = []  # [the kernels or None] once the first call has decided
 
 
 def event_kernel():
     """The compiled kernels, or None (SPIKEDECODER_EVENT_KERNEL=0, or they could not be built: then one warning
-    saying why, kernel_build.py). Built once per process, whichever thread asks first."""
-    if os.environ.get("SPIKEDECODER_EVENT_KERNEL", "1") == "0":
-        return None
+    saying why, kernel_build.py). Decided once per process, whichever thread asks first: every event Linear and
+    LIF asks on every call, so the answer is kept rather than read from the environment again."""
+    if _resolved:
+        return _resolved[0]
     with _kernel_guard:
-        return _load_event_kernel()
+        if not _resolved:
+            switched_off = os.environ.get("SPIKEDECODER_EVENT_KERNEL", "1") == "0"
+            source = Path(__file__).parent / "kernels" / "events.cpp"
+            _resolved.append(
+                None if switched_off else load_kernel("spikedecoder_events", source, ["-O3", "-ffp-contract=off"])
+            )
+        return _resolved[0]
 
 
 def spike_linear(spikes: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
@@ -160,6 +163,12 @@ class EventLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if time_invariant(x):
             return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
+        if x.dtype == torch.float32 and x.dim() >= 2 and x.device.type == "cpu":
+            kernel = event_kernel()
+            rows = self.rows
+            if kernel is not None and rows.dtype == torch.float32:
+                out = kernel.count_linear(x, rows, self.bias)  # None: a value is not a count
+                return F.linear(x, rows.t(), self.bias) if out is None else out
         spikes = as_spikes(x)
         if spikes is not None:
             return spike_linear(spikes, self.rows, self.bias)
@@ -183,7 +192,9 @@ class EventLinearNorm(nn.Module):
         if time_invariant(x):
             y = self.norm(self.linear(x[:1]))
             return y.expand(x.shape[0], *y.shape[1:])
-        return self.norm(self.linear(x))
+        y = self.linear(x)
+        norm = self.norm
+        return y if type(norm) is nn.Identity else norm(y)  # a folded norm: no call
 
 
 class EventLIF(nn.Module):
@@ -207,14 +218,13 @@ class EventLIF(nn.Module):
             raise ValueError(f"LIF expects (T, ...) input with T >= 1, got shape {tuple(x.shape)}")
         x = x.float() if x.dtype == torch.bool else x
         kernel = event_kernel()
-        channels_ok = self.v_threshold.numel() in (1, x.shape[-1])
-        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32
-        if kernel is not None and cpu_float and channels_ok and not self.graded and self.decay is None:
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            spikes = kernel.lif(flat, self.v_threshold.reshape(-1), self.tau, self.decay_input).view(x.shape)
+        th = self.v_threshold
+        cpu_float = x.dtype == torch.float32 and x.device.type == "cpu"
+        if kernel is not None and cpu_float and self.decay is None and th.numel() in (1, x.shape[-1]):
+            spikes = kernel.lif(x, th, self.tau, self.decay_input, self.levels, self.bipolar)
         else:
             spikes = self.steps(x)
-        return spikes if self.emit_bool else spikes.to(x.dtype)
+        return spikes if self.emit_bool or spikes.dtype == x.dtype else spikes.to(x.dtype)
 
     def steps(self, x: Tensor) -> Tensor:
         """The same LIF as tensor ops, step by step (where the kernel is not built): bool spikes, or float counts

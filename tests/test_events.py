@@ -166,6 +166,117 @@ def test_compiled_kernel_gives_the_embedding_bag_floats(rate: float, width: int,
         torch.set_num_threads(before)
 
 
+def added_count_times(counts: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The count kernel's sums by hand: per (step, token), each input's row added |count| times (subtracted for a
+    negative count), inputs in increasing order, then the bias."""
+    sums = []
+    for token in counts.reshape(-1, counts.shape[-1]):
+        acc = torch.zeros(rows.shape[1])
+        for i, c in enumerate(token.tolist()):
+            for _ in range(abs(int(c))):
+                acc = acc + rows[i] if c > 0 else acc - rows[i]
+        sums.append(acc + bias if bias is not None else acc)
+    return torch.stack(sums).reshape(*counts.shape[:-1], rows.shape[1])
+
+
+@pytest.mark.parametrize(
+    ("width", "shape", "top", "threads"), [(70, (1, 4), 4, 1), (33, (3, 2, 2), 4, 1), (1100, (2, 3), 255, 2)]
+)
+def test_count_kernel_adds_each_row_count_times(width: int, shape: tuple, top: int, threads: int) -> None:
+    """Graded spikes (signed integer counts, zero rows among them): the kernel's sums are the rows added |count|
+    times in input order, bit for bit, for widths that are not a multiple of the 16-column chunk, T > 1, any leading
+    shape and threads splitting the columns; 0/1 counts give the bool kernel's floats."""
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL") == "0":
+        pytest.skip("the event kernel is switched off (SPIKEDECODER_EVENT_KERNEL=0)")
+    kernel = event_kernel()
+    assert kernel is not None, "the event kernel did not build (see the warning above)"
+    g = torch.Generator().manual_seed(3)
+    inputs = 40
+    rows = torch.randn(inputs, width, generator=g)
+    bias = torch.randn(width, generator=g)
+    counts = torch.randint(-top, top + 1, (*shape, inputs), generator=g).float()
+    counts *= torch.rand(counts.shape, generator=g) < 0.4
+    counts[..., 5] = 0  # an input silent at every step and token
+    counts[0, ..., 0, :] = 0  # a token (step 0) with no active input: the bias only
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in (None, bias):
+            got = kernel.count_linear(counts, rows, b)
+            assert got.shape == (*shape, width)
+            assert torch.equal(got, added_count_times(counts, rows, b))
+        torch.testing.assert_close(got, counts @ rows + bias, rtol=1e-5, atol=1e-4 * top)
+        spikes = counts > 0
+        flat = spikes.reshape(shape[0], -1, inputs)
+        assert torch.equal(
+            kernel.count_linear(spikes.float(), rows, bias).reshape(flat.shape[:2] + (width,)),
+            kernel.spike_linear(flat, rows, bias),
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", [0.5, -2.25, float("nan"), float("inf"), 256.0])
+def test_a_value_that_is_no_count_takes_the_dense_product(value: float) -> None:
+    """The count kernel declines an input holding a non-integer, non-finite or too large value (None), and the
+    event Linear then computes the dense product: the same floats as F.linear."""
+    g = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(20, 9)
+    x = torch.randint(0, 4, (2, 3, 20), generator=g).float()
+    x[1, 2, 7] = value
+    if event_kernel() is not None:
+        assert event_kernel().count_linear(x, linear.weight.detach().t().contiguous(), None) is None
+    event = EventLinear(linear)
+    expected = torch.nn.functional.linear(x, event.rows.t(), event.bias)
+    torch.testing.assert_close(event(x), expected, rtol=0, atol=0, equal_nan=True)
+    x[1, 2, 7] = 3.0  # counts again: the kernel's sums, close to the dense product
+    torch.testing.assert_close(event(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+@pytest.mark.parametrize("bipolar", [False, True])
+@pytest.mark.parametrize(
+    ("tau", "decay_input", "per_channel"), [(2.0, True, True), (4.0, False, False), (3.0, True, True)]
+)
+def test_compiled_graded_lif_gives_the_tensor_ops_counts(
+    levels: int, bipolar: bool, tau: float, decay_input: bool, per_channel: bool
+) -> None:
+    """Graded and bipolar neurons in the C++ LIF: the counts of neurons.fire bit for bit (EventLIF's tensor-op
+    steps and the dense lif_forward), near every level's threshold too (inputs and thresholds on a grid of eighths,
+    so membranes land exactly on k * threshold), with one threshold per channel or per layer."""
+    if os.environ.get("SPIKEDECODER_EVENT_KERNEL") == "0":
+        pytest.skip("the event kernel is switched off (SPIKEDECODER_EVENT_KERNEL=0)")
+    channels = 40
+    lif = LIF(
+        tau=tau,
+        decay_input=decay_input,
+        channels=channels if per_channel else None,
+        learnable_threshold="channel" if per_channel else "none",
+        levels=levels,
+        bipolar=bipolar,
+    )
+    if per_channel:
+        lif.v_threshold.data.copy_(torch.arange(1, channels + 1) / 8)
+    event = EventLIF(lif)
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat(
+        [
+            torch.randn(3, 2, 30, channels, generator=g) * 3,
+            torch.randint(-24, 25, (3, 2, 30, channels), generator=g) / 8,
+        ],
+        1,
+    )
+    expected = event.steps(x)
+    got = event_kernel().lif(x, event.v_threshold, tau, decay_input, levels, bipolar)
+    assert got.dtype == (torch.bool if levels == 1 and not bipolar else torch.float32)
+    assert torch.equal(got, expected)
+    dense = neurons.lif_forward(x, lif.v_threshold.detach(), tau, decay_input, levels, bipolar)[0]
+    assert torch.equal(got.float(), dense)
+    assert torch.equal(event(x), dense)  # the module takes the kernel
+    assert bool((dense.abs() == levels).any()) and bool((dense.abs() == 1).any())
+    assert bool((dense < 0).any()) == bipolar
+
+
 @pytest.mark.parametrize(
     "tau, decay_input, per_channel",
     [
