@@ -104,6 +104,19 @@ class SpikeEmbedding(nn.Module):
             total += float(code.codes.sum(1).mean()) if code.is_fixed else code.width / 2
         return total
 
+    @torch.no_grad()
+    def bake_spikes(self) -> int:
+        """Inference only: each learned code that is binarised on its own (concatenated codes; a sum is binarised
+        after the add) keeps its table's spikes instead of the floats, so a lookup needs no Heaviside: the same
+        {0, 1} rows, one op fewer per code and token. Returns how many codes were baked."""
+        baked = 0
+        for code in (self.token, self.position) if self.cfg.combine != "sum" else ():
+            if code.binarise is not None:
+                code.table.weight.copy_(code.binarise(code.table.weight))
+                code.binarise = None
+                baked += 1
+        return baked
+
     def code(self, idx: Tensor, start_pos: int = 0) -> Tensor:
         """The (B, S, code_width) code of each token at its position: spikes, or floats for the ANN."""
         positions = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import SpikingSelfAttention
+from .encoding import SpikeEmbedding
 from .kernel_build import load_kernel
 from .layers import Linear, LinearNorm
 from .neurons import LIF, charge, fire, is_graded, learned_charge
@@ -163,7 +164,7 @@ class EventLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if time_invariant(x):
             return self(x[:1]).expand(x.shape[0], *x.shape[1:-1], self.out_features)
-        if x.dtype == torch.float32 and x.dim() >= 2 and x.device.type == "cpu":
+        if x.dtype == torch.float32 and x.dim() >= 2 and x.is_cpu:
             kernel = event_kernel()
             rows = self.rows
             if kernel is not None and rows.dtype == torch.float32:
@@ -207,10 +208,11 @@ class EventLIF(nn.Module):
         super().__init__()
         self.tau, self.decay_input = lif.tau, lif.decay_input
         self.levels, self.bipolar = lif.levels, lif.bipolar
-        self.graded = lif.levels > 1 or lif.bipolar  # float counts out, and the tensor-op steps (not the kernel)
+        self.graded = lif.levels > 1 or lif.bipolar  # float counts out
         self.register_buffer("v_threshold", lif.v_threshold.detach().clone())
         decay = lif.decay()  # a learned leak: a float per layer or channel, run by the tensor-op steps
         self.register_buffer("decay", None if decay is None else decay.detach().clone())
+        self.learned = decay is not None
         self.emit_bool = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -219,8 +221,8 @@ class EventLIF(nn.Module):
         x = x.float() if x.dtype == torch.bool else x
         kernel = event_kernel()
         th = self.v_threshold
-        cpu_float = x.dtype == torch.float32 and x.device.type == "cpu"
-        if kernel is not None and cpu_float and self.decay is None and th.numel() in (1, x.shape[-1]):
+        cpu_float = x.dtype == torch.float32 and x.is_cpu
+        if kernel is not None and cpu_float and not self.learned and th.numel() in (1, x.shape[-1]):
             spikes = kernel.lif(x, th, self.tau, self.decay_input, self.levels, self.bipolar)
         else:
             spikes = self.steps(x)
@@ -331,6 +333,8 @@ def to_events(model: nn.Module) -> nn.Module:
     untouched. Raises ValueError when the model has no spikes or time-invariant work to exploit (the ANN)."""
     model = copy.deepcopy(model).eval()
     model.fold_norms()
+    if isinstance(getattr(model, "embed", None), SpikeEmbedding):
+        model.embed.bake_spikes()  # learned codes: their spikes looked up, not binarised per token
     steps = model.config.timesteps
     if steps > MAX_KERNEL_STEPS and event_kernel() is not None:
         warnings.warn(

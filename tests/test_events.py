@@ -105,6 +105,7 @@ def test_same_spikes_and_logits_as_the_dense_path(mode: str) -> None:
         "spiking-attention",
         "token-conv-residual2-batchnorm",
         "graded-T1-token-conv",
+        "graded-qkv-dual-path",
     ],
 )
 def test_cached_greedy_generation_gives_the_dense_tokens(mode: str) -> None:
