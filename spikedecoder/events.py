@@ -7,25 +7,35 @@ attention mechanism keeps working:
 
 - Linear and Linear+Norm on spikes become `EventLinear` / `EventLinearNorm`: the weight is stored transposed, (in,
   out), so each input's row is contiguous, and the output is the sum of the rows of the active inputs (accumulate
-  only). The sum runs in a small C++ kernel (kernels/events.cpp, compiled on first use by kernel_build.py, cached
-  per CPU feature set): per token it reads the union of the active rows over the T steps once, four rows at a time,
-  and adds each into the steps at which its input spikes. Where it cannot be built (no compiler or ninja: one
-  warning), for more than 64 timesteps (one warning), or with SPIKEDECODER_EVENT_KERNEL=0,
-  `embedding_bag(mode="sum")` does the same sums, one bag per step and token, in the same order (the same floats):
-  at width 1,024 a token takes 15.2 ms that way against 8.8-9.2 ms with the kernel (`benchmarks/decode.py`).
+  only; graded spikes, small integer counts, add a row |count| times, subtract it for a negative count). The sum
+  runs in a small C++ kernel (kernels/events.cpp, compiled on first use by kernel_build.py, cached per CPU feature
+  set), one call per Linear: per token it reads the union of the active rows over the T steps once, four rows at a
+  time, and adds each into the steps at which its input is active. On float input the same call checks that every
+  value is a count (else the Linear takes the dense product), so the counts cost no tensor op of their own. Where
+  it cannot be built (no compiler or ninja: one warning), or with SPIKEDECODER_EVENT_KERNEL=0,
+  `embedding_bag(mode="sum")` does the sums, one bag per step and token, as it does for bool spikes over more than
+  64 timesteps (one warning): the same floats on 0/1 spikes; graded counts go as binary planes (`graded_linear`),
+  summed in another order. On 2026-12-03, with the graded make run checkpoint (T = 1, 4 levels) and another job
+  busy on the second core, `python benchmarks/decode.py --widths 128 1024 --tokens 64 --rounds 2 --check-tokens 50`
+  took 16.1-17.0 ms per token at width 1,024 with the kernels, 1.66x the ANN's tokens/s in both runs (the ANN
+  26.7-28.2 ms), against 31.3-36.5 ms and 0.71-0.72x before the count kernel (the planes through the bool kernel,
+  tensor-op LIFs) and 41.2 ms on the fallback.
 - Work whose input is identical at every timestep is done once: a tensor whose T axis (dim 0) has stride 0 holds one
   value for every step (direct encoding expands the embedding that way), so a Linear(+Norm) on it runs on step 0
   and its output is expanded again (still stride 0, so the next such module skips too).
 - Whole-context attention heads take their sparse decoding step (`SpikingSelfAttention.sparse_state`): the state
   rows of the active query and key features only, exact because the sums are of small integers.
-- LIF neurons run a small C++ kernel (the same arithmetic in the same order); graded neurons and neurons with a
-  learned decay (one float per layer or channel) run the same steps as tensor ops.
+- LIF neurons run a small C++ kernel (the same arithmetic in the same order; graded and bipolar neurons with the
+  comparisons of `neurons.fire`, so the same counts); neurons with a learned decay (one float per layer or channel)
+  run the same steps as tensor ops.
+- Window heads decode a token whose every kept key lies in its window without building their mask (all ones), and
+  learned embedding codes keep their spikes in their tables (`SpikeEmbedding.bake_spikes`).
 - LIF neurons whose spikes only ever reach event Linears emit bool spikes; the others (e.g. Q, K, V, read by the
   attention's matmuls) keep emitting float 0/1. Which is which is found by tracing one probe forward
   (`_SpikeUseTracer`): a LIF output may be reshaped or indexed on its way, anything else needs floats.
 
-A Linear is made event-driven when the probe sees it receive spikes (every input value 0 or 1) or a time-invariant
-input; at run time it checks again and falls back to the dense product on an input that is not binary.
+A Linear is made event-driven when the probe sees it receive spikes (every input value 0 or 1), graded spikes or a
+time-invariant input; at run time it checks again and falls back to the dense product on an input that is neither.
 """
 
 from __future__ import annotations
@@ -339,7 +349,7 @@ def to_events(model: nn.Module) -> nn.Module:
     if steps > MAX_KERNEL_STEPS and event_kernel() is not None:
         warnings.warn(
             f"timesteps={steps} > {MAX_KERNEL_STEPS}: the event kernel packs a token's steps into 64 bits, so the "
-            "Linears on spikes use embedding_bag (the same floats, slower)",
+            "Linears on bool spikes use embedding_bag (the same floats, slower)",
             stacklevel=2,
         )
     events = _probe(model)
