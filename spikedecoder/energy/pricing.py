@@ -109,10 +109,13 @@ def energy_report(
     ops, every, rows, width = None, None, 0, 0
     for chunk in idx.split(batch) if isinstance(idx, Tensor) else idx:
         part = count_ops(model, chunk)
-        ops = part if ops is None else ops.add(part)
+        # every step: a count of its own where work ran once for T identical steps, else the same figures; a copy
+        # either way, since add() sums in place and `ops` must not take a chunk twice
+        steps = copy.deepcopy(part)
         if any(r.get("repeats", 1) > 1 for r in part.products):  # work done once for T identical steps
-            part = count_ops(model, chunk, invariant_once=False)
-        every = part if every is None else every.add(part)
+            steps = count_ops(model, chunk, invariant_once=False)
+        ops = part if ops is None else ops.add(part)
+        every = steps if every is None else every.add(steps)
         rows, width = rows + int(chunk.shape[0]), int(chunk.shape[1])
     if ops is None:
         raise ValueError("no windows to measure; give at least one window of token ids")
