@@ -21,12 +21,14 @@ drawn from a separate seed (256 sequences per task). Variants:
     window-2       the spiking model attending to the current and previous token (make run's setting until 2026-12-01)
     whole-context  the spiking model with a plain running sum over the whole context (the preset's old default)
     spikedecoder   the `spikedecoder` preset as shipped (window heads beside whole-context heads, key convolution,
-                   coincidence normaliser of squared coincidence counts, threshold 0.5, ATan surrogate alpha 1)
+                   coincidence normaliser of squared coincidence counts, threshold 0.5, ATan surrogate alpha 1,
+                   graded spikes: up to 4 per neuron, Q, K and V too)
     make-run       make run's spiking model (configs/run.toml: its neurons, graded spikes, token convolutions and
                    norms) with the preset's whole-context heads beside its window heads
-window-2 and whole-context keep the neuron settings they had (threshold 1, alpha 2, no key convolution). All at
-2 layers x 128 wide, 4 heads, context 64 and T = 1 (one timestep per token: the probes' scale, like the width; at
-T = 4 a 3,000-step run takes about 25 minutes per variant here); the presets' other defaults untouched.
+window-2 and whole-context keep the neuron settings they had (binary spikes, threshold 1, alpha 2, no key
+convolution). All at 2 layers x 128 wide, 4 heads, context 64 and T = 1 (one timestep per token: the probes' scale,
+like the width; at T = 4 a 3,000-step run takes about 25 minutes per variant here); the presets' other defaults
+untouched.
 `--set model.KEY=VALUE` changes every spiking variant (for experiments; the reported rows use none).
 """
 
@@ -60,7 +62,16 @@ SEQ = 64
 COPY_LEN = 24
 TASKS = [("mqar", 4), ("mqar", 8), ("mqar", 16), ("copy", None)]
 MODEL = dict(vocab_size=VOCAB, max_len=SEQ, n_layer=2, n_head=4, n_embd=128, timesteps=1)
-OLD_ATTENTION = dict(attn_norm="none", attn_key_conv=False, v_threshold=1.0, surrogate_alpha=2.0, attn_power=1)
+# the settings window-2 and whole-context had: binary spikes, threshold 1, alpha 2, plain counts, no key convolution
+OLD_ATTENTION = dict(
+    attn_norm="none",
+    attn_key_conv=False,
+    v_threshold=1.0,
+    surrogate_alpha=2.0,
+    attn_power=1,
+    spike_levels=1,
+    qkv_levels=1,
+)
 RUN_TOML = Path(__file__).resolve().parents[1] / "configs" / "run.toml"
 WHOLE_CONTEXT_HEADS = ("attn_window", "attn_norm", "attn_key_conv", "attn_power")
 

@@ -351,7 +351,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "spiking-attention": {**_ANN, "timesteps": 4, "attention": "spiking"},
     "spiking-attention-mlp": {**_ANN, "timesteps": 4, "attention": "spiking", "mlp": "spiking"},
     "spikedecoder": dict(
-        timesteps=4,
+        # one timestep of graded spikes (up to 4 per neuron, Q, K and V too): better text and energy than binary
+        # spikes at T = 4 (the frontier study), and in-context recall that forms under bf16 training as under fp32
+        timesteps=1,
+        spike_levels=4,
+        qkv_levels=4,
         token_code="learned",
         position_code="learned",
         combine="sum",

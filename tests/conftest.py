@@ -18,9 +18,22 @@ TEXT = PARAGRAPH * 20  # 3.4k characters: a small, learnable text
 TINY_SIZES = dict(vocab_size=20, max_len=16, n_layer=2, n_head=2, n_embd=32)
 
 
+# The preset's graded spikes (up to 4 per neuron) where a test asks for a spiking residual stream, which needs binary
+# spikes (residual 1 and 2 sum or multiply them as bits): the binary model those modes are defined on.
+BINARY_SPIKES = dict(spike_levels=1, qkv_levels=1)
+
+
+def preset_config(preset: str = "spikedecoder", **values) -> SpikeDecoderConfig:
+    """SpikeDecoderConfig.from_preset, where a spiking residual stream (residual 1 or 2) gets binary spikes unless
+    the test says otherwise."""
+    if values.get("residual", 0):
+        values = BINARY_SPIKES | values
+    return SpikeDecoderConfig.from_preset(preset, **values)
+
+
 def tiny_config(preset: str = "spikedecoder", **values) -> SpikeDecoderConfig:
-    """A preset at test sizes (TINY_SIZES); any size or setting can be overridden."""
-    return SpikeDecoderConfig.from_preset(preset, **(TINY_SIZES | values))
+    """A preset at test sizes (TINY_SIZES); any size or setting can be overridden (residual: see preset_config)."""
+    return preset_config(preset, **(TINY_SIZES | values))
 
 
 def tiny_model(preset: str = "spikedecoder", seed: int = 0, warm_norms: bool = False, **values) -> SpikeDecoder:

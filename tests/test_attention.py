@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import BINARY_SPIKES, preset_config, tiny_model
 
 from spikedecoder import SpikeDecoder, SpikeDecoderConfig
 from spikedecoder.attention import SpikingSelfAttention, causal_mask
@@ -86,7 +86,7 @@ def test_window_must_be_valid_and_divide_the_heads(window) -> None:
 def _shipped(**overrides) -> SpikeDecoder:
     """A tiny model at the shipped neuron defaults (threshold 1, scale 0.125), random weights."""
     torch.manual_seed(0)
-    cfg = SpikeDecoderConfig.from_preset(
+    cfg = preset_config(
         "spikedecoder",
         **{**dict(vocab_size=20, max_len=112, n_layer=2, n_head=4, n_embd=32, timesteps=2, av_norm=True), **overrides},
     )
@@ -166,7 +166,7 @@ def test_long_range_heads_are_causal(mode: dict, training: bool) -> None:
 def test_sparse_state_decoding_is_the_dense_decoding(mode: dict) -> None:
     """sparse_state (the event engine's whole-context decoding: only the state rows of active features read and
     updated, in place) gives the dense state step's logits and state bit for bit, token after token."""
-    dense = _shipped(**mode)
+    dense = _shipped(**(BINARY_SPIKES | mode))  # the sparse step reads rows of binary features
     sparse = copy.deepcopy(dense)
     for module in sparse.modules():
         if isinstance(module, SpikingSelfAttention):
@@ -254,8 +254,8 @@ def test_degree_2_attention_fires_at_window_2_settings() -> None:
 
     cfg = SpikeDecoderConfig.from_preset(
         "spikedecoder", vocab_size=65, n_layer=2, n_head=4, n_embd=128, max_len=64, combine="concat", residual=2,
-        v_threshold=1.0, attn_window=2, attn_key_conv=True, attn_norm="none", av_norm=True, attn_power=1,
-        surrogate_alpha=2.0, lif_backend="loop",
+        timesteps=4, spike_levels=1, qkv_levels=1, v_threshold=1.0, attn_window=2, attn_key_conv=True,
+        attn_norm="none", av_norm=True, attn_power=1, surrogate_alpha=2.0, lif_backend="loop",
     )  # fmt: skip
     assert (cfg.residual, cfg.v_threshold, cfg.scale) == (2, 1.0, 0.125)
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ def test_info_of_a_preset(capsys) -> None:
     assert main(["info", "--preset", "spikedecoder"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("parameters: ")
-    for line in ("preset               spikedecoder", "attention            spiking", "timesteps            4"):
+    for line in ("preset               spikedecoder", "attention            spiking", "timesteps            1"):
         assert line in out
     full = int(out.split("\n")[0].split()[1].replace(",", ""))
     assert main(["info", "--preset", "ann", "--set", "model.n_layer=1"]) == 0

@@ -17,11 +17,11 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, max_len=8, vocab_size=11)
     [
         ("ann", dict(av_norm=True), r"av_norm=True only applies to spiking attention.*remove av_norm"),
         ("ann", dict(attn_key_conv=True), r"attn_key_conv=True only applies to spiking attention"),
-        ("spikedecoder", dict(spike_levels=2, residual=1), r"spike_levels=2, qkv_levels=1, bipolar=False need"),
+        ("spikedecoder", dict(spike_levels=2, residual=1), r"spike_levels=2, qkv_levels=4, bipolar=False need"),
         ("spikedecoder", dict(bipolar=True, residual=2), r"bipolar=True need residual=0"),
         ("spikedecoder", dict(spike_levels=0), r"spike_levels must be an integer >= 1"),
         ("spikedecoder", dict(qkv_levels=0), r"qkv_levels must be an integer >= 1"),
-        ("spikedecoder", dict(qkv_levels=2, residual=1), r"spike_levels=1, qkv_levels=2, bipolar=False need"),
+        ("spikedecoder", dict(qkv_levels=2, residual=1), r"spike_levels=4, qkv_levels=2, bipolar=False need"),
         ("spikedecoder", dict(token_conv=0), r"token_conv must be a positive integer"),
         ("spikedecoder", dict(float_stages=["mlp"]), r"float_stages must be a list of embedding, attn_in, qkv"),
         ("ann", dict(mlp_conv=1.5), r"mlp_conv must be a positive integer"),
@@ -80,8 +80,9 @@ def test_degree_2_residual_with_a_threshold_per_channel_builds_and_learns() -> N
     """The score map has no channel axis: its LIF learns one threshold (and one decay), every other LIF one per
     channel."""
     cfg = SpikeDecoderConfig.from_preset(
-        "spikedecoder", **TINY, residual=2, learnable_threshold="channel", learnable_tau="channel"
-    )
+        "spikedecoder", **TINY, residual=2, spike_levels=1, qkv_levels=1, learnable_threshold="channel",
+        learnable_tau="channel",
+    )  # fmt: skip
     torch.manual_seed(0)
     model = SpikeDecoder(cfg)
     attn = model.blocks[0].attn

@@ -729,7 +729,7 @@ def kill_half_the_gelus(model: SpikeDecoder) -> None:
 @pytest.mark.parametrize(
     "preset,overrides,dead_gelus",
     [
-        ("spikedecoder", {}, False),
+        ("spikedecoder", {"timesteps": 4, "spike_levels": 1, "qkv_levels": 1}, False),  # binary spikes at T = 4
         ("ann", {}, False),
         ("ann", {}, True),
         ("spikedecoder", {"residual": 2}, False),

@@ -348,7 +348,8 @@ def test_every_lif_path_runs_the_priced_charge(monkeypatch, tau: float) -> None:
 
 
 def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:
-    dense = make_model("spikedecoder", max_len=16)
+    binary = dict(timesteps=4, spike_levels=1, qkv_levels=1)  # binary spikes over T = 4 (graded ones stay float)
+    dense = make_model("spikedecoder", max_len=16, **binary)
     events = to_events(dense)
     assert not any(isinstance(m, Linear | LinearNorm | LIF) for m in events.modules())  # every one replaced
     blocks = events.blocks
@@ -372,11 +373,11 @@ def test_spikes_are_bool_and_time_invariant_work_runs_once() -> None:
     assert hidden.dtype == torch.bool
     assert isinstance(events.blocks[0].attn.q, EventLinearNorm) and isinstance(events.head.lif, EventLIF)
     # the key convolution concatenates [x_i, x_{i-1}]: the block's input LIF still emits bool for Q, K and V
-    keyed = to_events(make_model("spikedecoder", max_len=16, attn_key_conv=True, attn_window=2))
+    keyed = to_events(make_model("spikedecoder", max_len=16, attn_key_conv=True, attn_window=2, **binary))
     assert keyed.blocks[1].attn.in_lif.emit_bool
     torch.testing.assert_close(
         keyed(prompt(8)),
-        make_model("spikedecoder", max_len=16, attn_key_conv=True, attn_window=2)(prompt(8)),
+        make_model("spikedecoder", max_len=16, attn_key_conv=True, attn_window=2, **binary)(prompt(8)),
         rtol=1e-5,
         atol=1e-5,
     )

@@ -254,7 +254,9 @@ def test_a_token_reaches_exactly_as_far_as_windows_and_convolutions_allow(
     """Per layer a token looks back (window - 1) + (token_conv - 1) + (mlp_conv - 1) tokens, no further, whichever
     form the convolutions take: the ANN given a window and a convolution sees the same neighbourhood as the spiking
     model given them."""
-    extra = dict(attn_key_conv=False) if preset == "spikedecoder" else {}
+    # binary spikes at T = 4: enough spikes in a random tiny model for a change to travel the whole reach
+    binary = dict(attn_key_conv=False, timesteps=4, spike_levels=1, qkv_levels=1)
+    extra = binary if preset == "spikedecoder" else {}
     model = make_model(
         preset, max_len=64, attn_window=window, token_conv=conv, mlp_conv=mlp_conv, conv_mode=conv_mode, **extra
     )

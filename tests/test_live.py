@@ -99,7 +99,7 @@ def test_the_fixed_part_is_measured_once_per_step_shape(monkeypatch) -> None:
 
     calls = []
     monkeypatch.setattr(live, "count_ops", lambda *a, **k: calls.append(1) or count_ops(*a, **k))
-    counted = deployed(tiny_model("spikedecoder"))
+    counted = deployed(tiny_model("spikedecoder", timesteps=4, spike_levels=1, qkv_levels=1))  # binary, T = 4
     meter = StepMeter(counted, counted)
     cache = meter.new_cache()
     meter(torch.tensor([[1, 2, 3]]), cache)

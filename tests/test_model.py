@@ -28,7 +28,10 @@ MODES += [("spikedecoder", {"residual": 0, "attn_window": 4, "av_norm": True})]
 
 
 def make_model(preset: str = "spikedecoder", seed: int = 0, **overrides) -> SpikeDecoder:
-    model = tiny_model(preset, seed, **(dict(vocab_size=V, max_len=L) | overrides))
+    """The `spikedecoder` preset here as binary spikes at T = 4, the model whose spike semantics these tests state
+    (its graded form is tested where decoding, events and energy are)."""
+    binary = dict(timesteps=4, spike_levels=1, qkv_levels=1) if preset == "spikedecoder" else {}
+    model = tiny_model(preset, seed, **(dict(vocab_size=V, max_len=L) | binary | overrides))
     return model.train()  # as constructed (tiny_model returns eval mode)
 
 

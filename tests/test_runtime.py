@@ -107,7 +107,7 @@ def test_export_refuses_what_the_runtime_cannot_run(tmp_path, capsys):
     from spikedecoder import SpikeDecoder
 
     cfg = SpikeDecoderConfig.from_preset("spikedecoder", vocab_size=TOKENIZER.vocab_size, n_layer=1, n_embd=32,
-                                         max_len=16, residual=1)  # fmt: skip
+                                         max_len=16, residual=1, spike_levels=1, qkv_levels=1)  # fmt: skip
     save_checkpoint(tmp_path / "run", SpikeDecoder(cfg).eval(), TOKENIZER, {})
     out = tmp_path / "model.bin"
     assert cli.main(["export", str(tmp_path / "run"), str(out)]) == 2
