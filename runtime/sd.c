@@ -8,7 +8,8 @@
 
    The arithmetic follows the PyTorch model (spikedecoder/model.py and its incremental decoding): a token is
    presented for T steps; LIF neurons integrate over the T steps of one token only; tokens mix through attention
-   (and the short causal token convolutions). Spike counts are small integers, exact in float32, so the attention
+   (and the short causal token convolutions: conv_mode "full" widens a Linear's input to the last K tokens, "channel"
+   mixes its outputs over them channel by channel). Spike counts are small integers, exact in float32, so the attention
    state sums are exact; Linears sum floats in their own order (spikes at a threshold can then differ by an ulp). */
 
 #include <math.h>
@@ -22,11 +23,11 @@
 /* ------------------------------------------------------------------------------------------------ file format */
 #define MAGIC "SDRT"
 #define END_MAGIC "SDND"
-#define VERSION 1
+#define VERSION 2
 enum { /* the config integers, in file order (spikedecoder/export.py INT_FIELDS) */
     KIND, VOCAB, MAX_LEN, N_LAYER, N_HEAD, N_EMBD, HIDDEN, STEPS, EMBED, TOK_WIDTH, TOKEN_CONV, KEY_WIDTH,
-    MLP_CONV, SPIKE_LEVELS, QKV_LEVELS, BIPOLAR, ATTN_POWER, COINCIDENCE_NORM, NORM, AV_NORM, HEAD_COMBINE,
-    LEARNED_DECAY, DECAY_INPUT, FIRST_IN_LIF, N_INTS
+    MLP_CONV, CONV_MODE, SPIKE_LEVELS, QKV_LEVELS, BIPOLAR, ATTN_POWER, COINCIDENCE_NORM, NORM, AV_NORM,
+    HEAD_COMBINE, LEARNED_DECAY, DECAY_INPUT, FIRST_IN_LIF, N_INTS
 };
 enum { F_TAU, F_SCALE, F_EPS, N_FLOATS };
 enum { SPIKING = 0, ANN = 1 };
@@ -90,7 +91,12 @@ static float *read_tensor(Reader *r, size_t expected, const char *what) {
 
 /* ------------------------------------------------------------------------------------------------ the model */
 typedef struct { float *th, *decay; } Lif;                 /* per channel threshold (and learned leak 1/tau) */
-typedef struct { int in, out; float *rows, *bias, *lnw, *lnb; } Lin;   /* rows: (in, out), input i's row at i*out */
+typedef struct {
+    int in, out;
+    float *rows, *bias, *lnw, *lnb;  /* rows: (in, out), input i's row at i*out */
+    int conv;                        /* conv_mode "channel": its outputs' convolution width K (1: none) */
+    float *taps, *past;              /* taps (K, out); past: the outputs of the last K-1 tokens [slot][t][out] */
+} Lin;
 
 typedef struct {
     Lif in_lif, q_lif, k_lif, v_lif, attn_lif, mlp_lif, hid_lif; /* spiking */
@@ -123,7 +129,7 @@ typedef struct {
     float *kbuf, *vbuf;            /* spiking window heads [layer][slot][t][E]; ANN KV cache [layer][max_len][E] */
     float *kv, *z;                 /* whole-context heads [layer][t][head][feature][dh], [layer][t][head][feature] */
     /* scratch */
-    float *x, *pre, *q, *k, *v, *y, *s, *hbuf, *logits, *vmem, *ln_tmp, *probs, *att_w;
+    float *x, *pre, *q, *k, *v, *y, *s, *hbuf, *logits, *vmem, *ln_tmp, *probs, *att_w, *conv_y;
     Active *scratch_act;           /* [t] */
     int *sorted;
     /* counts for the energy report */
@@ -148,13 +154,18 @@ static void read_lif(Reader *r, Model *m, Lif *l, int n, const char *what) {
     l->decay = m->c[LEARNED_DECAY] ? read_tensor(r, (size_t)n, what) : NULL;
 }
 
-static void read_lin(Reader *r, Lin *l, int in, int out, int layer_norm, const char *what) {
-    l->in = in;
+/* a Linear whose input is `width` tokens of `in` features (the token convolution): conv_mode "full" widens its
+   input to them; "channel" has it read one token and convolve its outputs, the taps (width, out) after it */
+static void read_lin(Reader *r, Model *m, Lin *l, int in, int width, int out, int layer_norm, const char *what) {
+    int channel = m->c[CONV_MODE] == 1;
+    l->in = channel ? in : width * in;
     l->out = out;
-    l->rows = read_tensor(r, (size_t)in * out, what);
+    l->rows = read_tensor(r, (size_t)l->in * out, what);
     l->bias = read_tensor(r, (size_t)out, what);
     l->lnw = layer_norm ? read_tensor(r, (size_t)out, what) : NULL;
     l->lnb = layer_norm ? read_tensor(r, (size_t)out, what) : NULL;
+    l->conv = channel ? width : 1;
+    l->taps = l->conv > 1 ? read_tensor(r, (size_t)width * out, what) : NULL;
 }
 
 static void check_config(Model *m, const char *path) {
@@ -165,9 +176,10 @@ static void check_config(Model *m, const char *path) {
              c[N_EMBD] <= 1 << 16 && c[N_EMBD] % c[N_HEAD] == 0 && c[HIDDEN] >= 1 && c[HIDDEN] <= 1 << 18 &&
              c[STEPS] >= 1 && c[STEPS] <= 64 && c[EMBED] >= 0 && c[EMBED] <= 2 && c[TOKEN_CONV] >= 1 &&
              c[TOKEN_CONV] <= 64 && c[KEY_WIDTH] >= c[TOKEN_CONV] && c[KEY_WIDTH] <= 64 && c[MLP_CONV] >= 1 &&
-             c[MLP_CONV] <= 64 && c[SPIKE_LEVELS] >= 1 && c[SPIKE_LEVELS] <= 255 && c[QKV_LEVELS] >= 1 &&
-             c[QKV_LEVELS] <= 255 && (c[ATTN_POWER] == 1 || c[ATTN_POWER] == 2) && c[AV_NORM] >= 0 &&
-             c[AV_NORM] <= 2 && c[HEAD_COMBINE] >= 0 && c[HEAD_COMBINE] <= 3 && c[TOK_WIDTH] >= 1 &&
+             c[MLP_CONV] <= 64 && (c[CONV_MODE] == 0 || c[CONV_MODE] == 1) && c[SPIKE_LEVELS] >= 1 &&
+             c[SPIKE_LEVELS] <= 255 && c[QKV_LEVELS] >= 1 && c[QKV_LEVELS] <= 255 &&
+             (c[ATTN_POWER] == 1 || c[ATTN_POWER] == 2) && c[AV_NORM] >= 0 && c[AV_NORM] <= 2 &&
+             c[HEAD_COMBINE] >= 0 && c[HEAD_COMBINE] <= 3 && c[TOK_WIDTH] >= 1 &&
              c[TOK_WIDTH] <= c[N_EMBD] && (c[KIND] == SPIKING || c[STEPS] == 1) && m->tau > 1.0f &&
              m->scale > 0.0f && m->eps > 0.0f;
     if (!ok) {
@@ -240,35 +252,35 @@ static void load(Model *m, const char *path) {
         Layer *l = &m->layers[i];
         if (ann) {
             l->ln1w = read_tensor(r, (size_t)E, "ln1"), l->ln1b = read_tensor(r, (size_t)E, "ln1");
-            read_lin(r, &l->qkv, c[TOKEN_CONV] * E, 3 * E, 0, "qkv");
-            read_lin(r, &l->proj, E, E, 0, "proj");
+            read_lin(r, m, &l->qkv, E, c[TOKEN_CONV], 3 * E, 0, "qkv");
+            read_lin(r, m, &l->proj, E, 1, E, 0, "proj");
             l->ln2w = read_tensor(r, (size_t)E, "ln2"), l->ln2b = read_tensor(r, (size_t)E, "ln2");
-            read_lin(r, &l->fc1, c[MLP_CONV] * E, m->hidden, 0, "fc1");
-            read_lin(r, &l->fc2, m->hidden, E, 0, "fc2");
+            read_lin(r, m, &l->fc1, E, c[MLP_CONV], m->hidden, 0, "fc1");
+            read_lin(r, m, &l->fc2, m->hidden, 1, E, 0, "fc2");
             continue;
         }
         l->has_in_lif = i > 0 || c[FIRST_IN_LIF];
         if (l->has_in_lif) read_lif(r, m, &l->in_lif, E, "attention input LIF");
-        read_lin(r, &l->q, c[TOKEN_CONV] * E, E, ln, "q");
-        read_lin(r, &l->k, c[KEY_WIDTH] * E, E, ln, "k");
-        read_lin(r, &l->v, c[TOKEN_CONV] * E, E, ln, "v");
+        read_lin(r, m, &l->q, E, c[TOKEN_CONV], E, ln, "q");
+        read_lin(r, m, &l->k, E, c[KEY_WIDTH], E, ln, "k");
+        read_lin(r, m, &l->v, E, c[TOKEN_CONV], E, ln, "v");
         read_lif(r, m, &l->q_lif, E, "q LIF");
         read_lif(r, m, &l->k_lif, E, "k LIF");
         read_lif(r, m, &l->v_lif, E, "v LIF");
         if (c[AV_NORM]) l->av_a = read_tensor(r, (size_t)E, "av_norm"), l->av_b = read_tensor(r, (size_t)E, "av_norm");
         read_lif(r, m, &l->attn_lif, E, "attention LIF");
-        read_lin(r, &l->proj, E, E, ln, "proj");
+        read_lin(r, m, &l->proj, E, 1, E, ln, "proj");
         read_lif(r, m, &l->mlp_lif, E, "MLP input LIF");
-        read_lin(r, &l->fc1, c[MLP_CONV] * E, m->hidden, ln, "fc1");
+        read_lin(r, m, &l->fc1, E, c[MLP_CONV], m->hidden, ln, "fc1");
         read_lif(r, m, &l->hid_lif, m->hidden, "MLP hidden LIF");
-        read_lin(r, &l->fc2, m->hidden, E, ln, "fc2");
+        read_lin(r, m, &l->fc2, m->hidden, 1, E, ln, "fc2");
     }
     if (ann) {
         m->head_lnw = read_tensor(r, (size_t)E, "head LayerNorm"), m->head_lnb = read_tensor(r, (size_t)E, "head");
-        read_lin(r, &m->head, E, m->V, 0, "head");
+        read_lin(r, m, &m->head, E, 1, m->V, 0, "head");
     } else {
         read_lif(r, m, &m->head_lif, E, "head LIF");
-        read_lin(r, &m->head, c[HEAD_COMBINE] == 2 ? E * m->T : E, m->V, 0, "head");
+        read_lin(r, m, &m->head, c[HEAD_COMBINE] == 2 ? E * m->T : E, 1, m->V, 0, "head");
     }
     need(r, 4, "the end marker");
     if (memcmp(r->data + r->at, END_MAGIC, 4) != 0 || r->at + 4 != r->size)
@@ -281,11 +293,31 @@ static void load(Model *m, const char *path) {
 }
 
 /* ------------------------------------------------------------------------------------------------ state */
+/* the rings of past outputs of the convolved Linears (conv_mode "channel"; [K-1 slots][T][out] each): allocated
+   zeroed on the first call, zeroed on the next ones */
+static void clear_conv_rings(Model *m) {
+    for (int i = 0; i < m->L; i++) {
+        Layer *y = &m->layers[i];
+        Lin *convolved[5] = {&y->q, &y->k, &y->v, &y->qkv, &y->fc1};
+        for (int j = 0; j < 5; j++) {
+            Lin *l = convolved[j];
+            size_t n = l->conv > 1 ? (size_t)(l->conv - 1) * m->T * l->out : 0;
+            if (n && !l->past) l->past = zalloc(sizeof(float) * n);
+            else if (n) memset(l->past, 0, sizeof(float) * n);
+        }
+    }
+}
+
 static void alloc_state(Model *m) {
     int E = m->E, T = m->T, L = m->L, n = m->hidden > 3 * E ? m->hidden : 3 * E;
     size_t tn = (size_t)T * n;
-    m->sw = m->c[KEY_WIDTH] > m->c[TOKEN_CONV] ? m->c[KEY_WIDTH] : m->c[TOKEN_CONV];
-    m->mw = m->c[MLP_CONV];
+    /* the tokens whose inputs the Linears read: the last K under conv_mode "full", the current one under "channel"
+       (whose convolutions keep their outputs instead, in each Linear's `past`) */
+    int channel = m->c[CONV_MODE] == 1;
+    m->sw = channel ? 1 : m->c[KEY_WIDTH] > m->c[TOKEN_CONV] ? m->c[KEY_WIDTH] : m->c[TOKEN_CONV];
+    m->mw = channel ? 1 : m->c[MLP_CONV];
+    clear_conv_rings(m);
+    m->conv_y = zalloc(sizeof(float) * (size_t)n);
     m->x = zalloc(sizeof(float) * tn), m->pre = zalloc(sizeof(float) * tn);
     m->q = zalloc(sizeof(float) * tn), m->k = zalloc(sizeof(float) * tn), m->v = zalloc(sizeof(float) * tn);
     m->y = zalloc(sizeof(float) * tn), m->s = zalloc(sizeof(float) * tn), m->hbuf = zalloc(sizeof(float) * tn);
@@ -327,6 +359,7 @@ static void alloc_state(Model *m) {
 static void reset(Model *m) {
     int E = m->E, T = m->T, L = m->L;
     m->pos_now = 0;
+    clear_conv_rings(m);
     if (m->c[KIND] == ANN) {
         memset(m->attn_hist_dense, 0, sizeof(float) * (size_t)L * m->sw * E);
         memset(m->mlp_hist_dense, 0, sizeof(float) * (size_t)L * m->mw * E);
@@ -404,6 +437,26 @@ static void layer_norm(Model *m, float *x, const float *w, const float *b, int n
     /* spikedecoder/energy/counter.py _layer_norm */
     m->ops[OP_ADD] += 2.0 * n, m->ops[OP_MAC] += 2.0 * n, m->ops[OP_MUL] += n + 2.0;
     m->ops[OP_SQRT] += 1, m->ops[OP_DIV] += 1;
+}
+
+/* conv_mode "channel": the Linear's outputs z (step t of the current token, in place) mixed channel by channel with
+   its outputs for the last K-1 tokens at the same step, y = z_i taps[0] + z_{i-1} taps[1] + ... in that order
+   (spikedecoder/layers.py ChannelConv: bit for bit), zeros before the first token; then z is kept in the ring of
+   K-1 slots (token i in slot i mod K-1). Energy as the counter prices `z * taps[j]` and `y + ...`: K multiplies and
+   K-1 adds per channel. */
+static void channel_conv(Model *m, const Lin *l, float *z, int t) {
+    int K = l->conv, n = l->out, p = m->pos_now, T = m->T;
+    if (K <= 1) return;
+    float *y = m->conv_y;
+    for (int i = 0; i < n; i++) y[i] = z[i] * l->taps[i];
+    for (int j = 1; j < K; j++) {
+        int slot = (p - j + K - 1) % (K - 1);  /* token p - j's (not yet written, so zeros, before the first) */
+        const float *zj = l->past + ((size_t)slot * T + t) * n, *tap = l->taps + (size_t)j * n;
+        for (int i = 0; i < n; i++) y[i] = y[i] + zj[i] * tap[i];
+    }
+    memcpy(l->past + ((size_t)(p % (K - 1)) * T + t) * n, z, sizeof(float) * (size_t)n);
+    memcpy(z, y, sizeof(float) * (size_t)n);
+    m->ops[OP_MUL] += (double)K * n, m->ops[OP_ADD] += (double)(K - 1) * n;
 }
 
 /* LIF over the T steps of one token, per channel: x (T, n) currents -> s (T, n) spike counts, and the active lists
@@ -555,12 +608,12 @@ static void spiking_forward(Model *m, int token, int want_logits) {
         /* attention input spikes, kept for the token convolutions of the next tokens */
         if (l->has_in_lif) lif(m, &l->in_lif, x, m->s, in, E, c[SPIKE_LEVELS], c[BIPOLAR]);
         for (int t = 0; t < T; t++) copy_active(&hist[(size_t)(p % m->sw) * T + t], &in[t]);
-        /* Q, K, V: LIF(Norm(Linear([x_i, x_{i-1}, ...]))) */
+        /* Q, K, V: LIF(Norm(Linear([x_i, x_{i-1}, ...]))); under conv_mode "channel" LIF(Conv(Norm(Linear(x_i)))) */
         const Lin *proj[3] = {&l->q, &l->k, &l->v};
         const Lif *lifs[3] = {&l->q_lif, &l->k_lif, &l->v_lif};
         float *outs[3] = {m->q, m->k, m->v};
         for (int w = 0; w < 3; w++) {
-            int width = w == 1 ? c[KEY_WIDTH] : c[TOKEN_CONV];
+            int width = proj[w]->in / E;  /* the tokens its input holds */
             for (int t = 0; t < T; t++) {
                 int n = 0;
                 for (int j = 0; j < width; j++, n++) ins[j] = j <= p ? &hist[(size_t)((p - j) % m->sw) * T + t] : NULL;
@@ -571,6 +624,7 @@ static void spiking_forward(Model *m, int token, int want_logits) {
                 }
                 event_linear(m, proj[w], ins, n, width, out);
                 if (proj[w]->lnw) layer_norm(m, out, proj[w]->lnw, proj[w]->lnb, E);
+                channel_conv(m, proj[w], out, t);
             }
             lif(m, lifs[w], m->pre, outs[w], NULL, E, c[QKV_LEVELS], 0);
         }
@@ -592,7 +646,7 @@ static void spiking_forward(Model *m, int token, int want_logits) {
             for (int i = 0; i < E; i++) x[(size_t)t * E + i] += m->pre[i];
         }
         m->ops[OP_ADD] += (double)T * E;  /* the residual sum */
-        /* MLP: LIF -> Linear([x_i, x_{i-1}, ...]) -> Norm -> LIF -> Linear -> Norm */
+        /* MLP: LIF -> Linear([x_i, x_{i-1}, ...]) -> Norm (-> Conv under "channel") -> LIF -> Linear -> Norm */
         Active *mh = m->mlp_hist + (size_t)layer * m->mw * T;
         lif(m, &l->mlp_lif, x, m->s, in, E, c[SPIKE_LEVELS], c[BIPOLAR]);
         for (int t = 0; t < T; t++) copy_active(&mh[(size_t)(p % m->mw) * T + t], &in[t]);
@@ -601,6 +655,7 @@ static void spiking_forward(Model *m, int token, int want_logits) {
             for (int j = 0; j < m->mw; j++) ins[j] = j <= p ? &mh[(size_t)((p - j) % m->mw) * T + t] : NULL;
             event_linear(m, &l->fc1, ins, m->mw, m->mw, hid + (size_t)t * m->hidden);
             if (l->fc1.lnw) layer_norm(m, hid + (size_t)t * m->hidden, l->fc1.lnw, l->fc1.lnb, m->hidden);
+            channel_conv(m, &l->fc1, hid + (size_t)t * m->hidden, t);
         }
         lif(m, &l->hid_lif, hid, m->s, in, m->hidden, c[SPIKE_LEVELS], c[BIPOLAR]);
         for (int t = 0; t < T; t++) {
@@ -651,17 +706,19 @@ static void ann_forward(Model *m, int token, int want_logits) {
     float scale = 1.0f / sqrtf((float)dh);
     for (int layer = 0; layer < m->L; layer++) {
         Layer *l = &m->layers[layer];
-        /* attention: LayerNorm, the token convolution's inputs, QKV, softmax over the cached keys, proj */
+        /* attention: LayerNorm, the token convolution's inputs, QKV (its convolution under "channel"), softmax over the
+           cached keys, proj */
         float *hist = m->attn_hist_dense + (size_t)layer * m->sw * E;
         memcpy(h, x, sizeof(float) * (size_t)E);
         layer_norm(m, h, l->ln1w, l->ln1b, E);
         memcpy(hist + (size_t)(p % m->sw) * E, h, sizeof(float) * (size_t)E);
         memcpy(qkv, l->qkv.bias, sizeof(float) * 3 * (size_t)E);
-        for (int j = 0; j < c[TOKEN_CONV] && j <= p; j++) {
+        for (int j = 0; j < l->qkv.in / E && j <= p; j++) {
             const float *xj = hist + (size_t)((p - j) % m->sw) * E;
             for (int i = 0; i < E; i++) axpy_row(qkv, l->qkv.rows + (size_t)(j * E + i) * 3 * E, xj[i], 3 * E);
         }
         m->ops[OP_MAC] += (double)l->qkv.in * l->qkv.out, m->ops[OP_ADD] += l->qkv.out;
+        channel_conv(m, &l->qkv, qkv, 0);
         float *kc = m->kbuf + (size_t)layer * ML * E, *vc = m->vbuf + (size_t)layer * ML * E;
         memcpy(kc + (size_t)p * E, qkv + E, sizeof(float) * (size_t)E);
         memcpy(vc + (size_t)p * E, qkv + 2 * E, sizeof(float) * (size_t)E);
@@ -688,7 +745,7 @@ static void ann_forward(Model *m, int token, int want_logits) {
         dense_linear(m, &l->proj, att, h);
         for (int i = 0; i < E; i++) x[i] += h[i];
         m->ops[OP_ADD] += E;
-        /* MLP: LayerNorm, the token convolution's inputs, fc1, GELU, fc2 */
+        /* MLP: LayerNorm, the token convolution's inputs, fc1 (its convolution under "channel"), GELU, fc2 */
         float *mh = m->mlp_hist_dense + (size_t)layer * m->mw * E;
         memcpy(h, x, sizeof(float) * (size_t)E);
         layer_norm(m, h, l->ln2w, l->ln2b, E);
@@ -699,6 +756,7 @@ static void ann_forward(Model *m, int token, int want_logits) {
             for (int i = 0; i < E; i++) axpy_row(hid, l->fc1.rows + (size_t)(j * E + i) * m->hidden, xj[i], m->hidden);
         }
         m->ops[OP_MAC] += (double)l->fc1.in * l->fc1.out, m->ops[OP_ADD] += l->fc1.out;
+        channel_conv(m, &l->fc1, hid, 0);
         for (int i = 0; i < m->hidden; i++) hid[i] = gelu(hid[i]);
         m->ops[OP_EXP] += m->hidden, m->ops[OP_MUL] += 3.0 * m->hidden, m->ops[OP_ADD] += m->hidden;
         dense_linear(m, &l->fc2, hid, h);

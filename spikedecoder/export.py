@@ -5,8 +5,10 @@ The file holds what the runtime needs and nothing it would have to work out: the
 vocabulary, then every weight in the order and layout the runtime reads it. Linears are stored transposed, (in, out),
 so that an active input selects one contiguous row (the event Linear adds the rows of its active inputs; the ANN's
 GEMV adds x_i times row i, the same loop with a multiply). BatchNorm/PowerNorm are folded into their Linear; a
-threshold or learned decay is written per channel whatever its sharing. A model the runtime cannot run exactly is
-refused here with a ConfigError naming the setting, never approximated.
+threshold or learned decay is written per channel whatever its sharing. Under conv_mode "channel" a convolved Linear
+reads one token and its taps, (K, out), follow it: the runtime mixes the folded Linear's outputs over the last K
+tokens as layers.ChannelConv does. A model the runtime cannot run exactly is refused here with a ConfigError naming
+the setting, never approximated.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .config import ConfigError
 from .model import SpikeDecoder
 from .norms import LayerNorm, PowerNorm, SeqBatchNorm
 
-MAGIC, END_MAGIC, VERSION = b"SDRT", b"SDND", 1
+MAGIC, END_MAGIC, VERSION = b"SDRT", b"SDND", 2
 # the config integers in file order (runtime/sd.c reads them in this order)
 INT_FIELDS = (
     "kind",  # 0 spiking, 1 ann
@@ -39,6 +41,7 @@ INT_FIELDS = (
     "token_conv",  # tokens Q and V read (and the ANN's QKV)
     "key_width",  # tokens K reads (the key convolution: at least 2)
     "mlp_conv",
+    "conv_mode",  # 0 full: a convolved Linear reads the K tokens' inputs; 1 channel: its outputs are convolved
     "spike_levels",
     "qkv_levels",
     "bipolar",
@@ -79,8 +82,6 @@ def check_exportable(model: SpikeDecoder, tokenizer: Any) -> str:
         )
     if cfg.float_stages:
         _refuse(f"float_stages={cfg.float_stages}", "remove float_stages (a training diagnostic)")
-    if cfg.conv_mode != "full" and max(cfg.token_conv, cfg.mlp_conv, 2 if cfg.attn_key_conv else 1) > 1:
-        _refuse(f"conv_mode={cfg.conv_mode!r}", "use conv_mode='full'")
     if cfg.encoding != "direct":
         _refuse(f"encoding={cfg.encoding!r}", "use encoding='direct'")
     if cfg.attn_offset:
@@ -157,6 +158,12 @@ def _linear_norm(w: _Writer, ln: nn.Module, layer_norm: bool) -> None:
         w.tensor(ln.norm.bias)
 
 
+def _taps(w: _Writer, conv: nn.Module | None) -> None:
+    """A channel convolution's taps (K, out): row j weighs the output j tokens back. Nothing where there is none."""
+    if conv is not None:
+        w.tensor(conv.taps)
+
+
 def _norm(w: _Writer, norm: nn.Module) -> int:
     """A standalone norm (av_norm): 0 none, 1 affine (a, c) of an eval BatchNorm/PowerNorm, 2 LayerNorm (w, b)."""
     if isinstance(norm, SeqBatchNorm | PowerNorm):
@@ -188,6 +195,7 @@ def _ints(model: SpikeDecoder, kind: str) -> dict[str, int]:
         "token_conv": cfg.token_conv,
         "key_width": max(cfg.token_conv, 2 if cfg.attn_key_conv else 1),
         "mlp_conv": cfg.mlp_conv,
+        "conv_mode": int(cfg.conv_mode == "channel"),
         "spike_levels": cfg.spike_levels,
         "qkv_levels": cfg.qkv_levels,
         "bipolar": int(cfg.bipolar),
@@ -221,8 +229,9 @@ def _spiking_weights(w: _Writer, model: SpikeDecoder) -> None:
         attn, mlp = block.attn, block.mlp
         if attn.in_lif is not None:
             _lif(w, attn.in_lif, e, learned)
-        for proj in (attn.q, attn.k, attn.v):
+        for proj, conv in ((attn.q, attn.q_conv), (attn.k, attn.k_conv), (attn.v, attn.v_conv)):
             _linear_norm(w, proj, layer_norm)
+            _taps(w, conv)
         for lif in (attn.q_lif, attn.k_lif, attn.v_lif):
             _lif(w, lif, e, learned)
         if attn.av_norm is not None:
@@ -231,6 +240,7 @@ def _spiking_weights(w: _Writer, model: SpikeDecoder) -> None:
         _linear_norm(w, attn.proj, layer_norm)
         _lif(w, mlp.in_lif, e, learned)
         _linear_norm(w, mlp.fc1, layer_norm)
+        _taps(w, mlp.fc1_conv)
         _lif(w, mlp.hidden_lif, cfg.mlp_ratio * e, learned)
         _linear_norm(w, mlp.fc2, layer_norm)
     _lif(w, model.head.lif, e, learned)
@@ -241,9 +251,13 @@ def _spiking_weights(w: _Writer, model: SpikeDecoder) -> None:
 def _ann_weights(w: _Writer, model: SpikeDecoder) -> None:
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        for t in (attn.ln.weight, attn.ln.bias, _rows(attn.qkv), _bias(attn.qkv), _rows(attn.proj), _bias(attn.proj)):
+        for t in (attn.ln.weight, attn.ln.bias, _rows(attn.qkv), _bias(attn.qkv)):
             w.tensor(t)
-        for t in (mlp.ln.weight, mlp.ln.bias, _rows(mlp.fc1), _bias(mlp.fc1), _rows(mlp.fc2), _bias(mlp.fc2)):
+        _taps(w, attn.qkv_conv)
+        for t in (_rows(attn.proj), _bias(attn.proj), mlp.ln.weight, mlp.ln.bias, _rows(mlp.fc1), _bias(mlp.fc1)):
+            w.tensor(t)
+        _taps(w, mlp.fc1_conv)
+        for t in (_rows(mlp.fc2), _bias(mlp.fc2)):
             w.tensor(t)
     head = model.head
     for t in (head.ln.weight, head.ln.bias, _rows(head.out), _bias(head.out)):

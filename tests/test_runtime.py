@@ -1,7 +1,8 @@
 """The standalone C runtime (runtime/sd.c) gives PyTorch's answers: tiny models trained for a few steps are exported
 (`spikedecoder export`), run greedily by `sd` for 200 tokens (sliding past max_len several times) and compared token
 by token and logit by logit with `generate` greedy, for make run's spiking model, the `spikedecoder` preset's
-whole-context heads and the ANN twin. Export refuses what the runtime cannot run; sd refuses damaged files."""
+whole-context heads and the ANN twin, and make run's model and the ANN with conv_mode "channel" (the Linears' outputs
+convolved over the last tokens). Export refuses what the runtime cannot run; sd refuses damaged files."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 from spikedecoder import cli
 from spikedecoder.config import SpikeDecoderConfig
 from spikedecoder.generate import generate_ids
-from spikedecoder.rundir import load_checkpoint, save_checkpoint
+from spikedecoder.layers import ChannelConv
+from spikedecoder.norms import SeqBatchNorm
+from spikedecoder.rundir import load_checkpoint, save_checkpoint, split_ids_for
 from spikedecoder.settings import TrainConfig
 from spikedecoder.train import train
 
@@ -31,10 +34,14 @@ MAKE_RUN = dict(
     token_conv=3, mlp_conv=2, attn_window=2, attn_key_conv=True, av_norm=True, attn_norm="none", attn_power=1,
     norm="batch", surrogate_alpha=2.0,
 )  # fmt: skip
+CHANNEL = dict(token_conv=3, mlp_conv=2, conv_mode="channel")
 CASES = {
     "make-run": ("spikedecoder", MAKE_RUN),
     "spikedecoder-preset": ("spikedecoder", dict(timesteps=2)),  # whole-context heads, LayerNorm, attn_power 2
     "ann": ("ann", {}),
+    "make-run-channel": ("spikedecoder", MAKE_RUN | CHANNEL),  # Q, V, K (3 wide) and fc1 (2) convolved
+    "ann-channel": ("ann", CHANNEL),  # QKV (3 wide, over 3E) and fc1 (2) convolved
+    "spikedecoder-preset-channel": ("spikedecoder", dict(timesteps=2) | CHANNEL),  # after a LayerNorm, per step
 }
 PROMPT = "ROMEO:"
 TOKENS = 200
@@ -59,8 +66,44 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         settings = TrainConfig(max_steps=12, batch_size=4, eval_interval=12, checkpoint_interval=12, warmup_steps=2,
                                lr=6e-3, log="none", eval_batches=1)  # fmt: skip
         train(cfg, settings, run, progress=False)
+        if cfg.conv_mode == "channel":
+            _exercise_convolutions(run)
         out[name] = run
     return out
+
+
+def _exercise_convolutions(run: Path) -> None:
+    """Make a tiny channel-mode model's convolutions show in its logits: taps far from their start (1, then 0.5s),
+    each tap and channel its own, so a tap read for the wrong token or channel changes the logits; and BatchNorm
+    statistics averaged over a few batches, as a longer training settles them (after 12 steps the attention's
+    av_norm still shrinks its input and the attention LIF stays silent, hiding Q, K and V)."""
+    model, tokenizer, meta = load_checkpoint(run)
+    text = split_ids_for(meta, tokenizer, "train")
+    gen = torch.Generator().manual_seed(0)
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, ChannelConv)}
+    assert len(convs) == model.config.n_layer * (2 if model.config.preset == "ann" else 4)  # QKV or Q, K, V; fc1
+    norms = [m for m in model.modules() if isinstance(m, SeqBatchNorm)]
+    with torch.no_grad():
+        for conv in convs.values():
+            conv.taps.copy_(torch.empty(conv.taps.shape).uniform_(-0.5, 1.5, generator=gen))
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a plain average over the batches
+        model.train()
+        n = model.config.max_len
+        for _ in range(8):
+            model(torch.stack([text[s : s + n] for s in torch.randint(0, len(text) - n, (4,), generator=gen)]))
+        model.eval()
+        ids = text[None, :n]
+        logits = model(ids)
+        for part in ("attn", "mlp"):  # each convolution reaches the logits
+            older = [conv.taps[1:] for name, conv in convs.items() if f".{part}." in name]
+            for taps in older:
+                taps.neg_()
+            assert not torch.equal(model(ids), logits), part
+            for taps in older:
+                taps.neg_()
+    save_checkpoint(run, model, tokenizer, meta)
 
 
 def run_sd(sd: Path, model: Path, *args: str, logits: Path | None = None) -> subprocess.CompletedProcess:
