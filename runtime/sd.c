@@ -374,17 +374,8 @@ static void reset(Model *m) {
 }
 
 /* ------------------------------------------------------------------------------------------------ kernels */
-/* acc += row and acc += a * row: the one inner loop of every Linear, spiking or not (eight at a time so that the
-   compiler vectorises it at -O2) */
-static void add_row(float *restrict acc, const float *restrict row, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        acc[i] += row[i], acc[i + 1] += row[i + 1], acc[i + 2] += row[i + 2], acc[i + 3] += row[i + 3];
-        acc[i + 4] += row[i + 4], acc[i + 5] += row[i + 5], acc[i + 6] += row[i + 6], acc[i + 7] += row[i + 7];
-    }
-    for (; i < n; i++) acc[i] += row[i];
-}
-
+/* acc += a * row: the inner loop of every Linear, spiking or not (eight at a time so that the compiler vectorises it
+   at -O2); a spike's row is added with a = 1, exact */
 static void axpy_row(float *restrict acc, const float *restrict row, float a, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -393,6 +384,40 @@ static void axpy_row(float *restrict acc, const float *restrict row, float a, in
         acc[i + 6] += a * row[i + 6], acc[i + 7] += a * row[i + 7];
     }
     for (; i < n; i++) acc[i] += a * row[i];
+}
+
+/* acc += a0 r0 + a1 r1 + a2 r2 + a3 r3, added row after row per element (the floats of four axpy_row calls, bit for
+   bit), with acc loaded and stored once instead of four times: four row streams in flight at once */
+static void axpy4(float *restrict acc, const float *restrict r0, const float *restrict r1, const float *restrict r2,
+                  const float *restrict r3, const float *a, int n) {
+    const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    for (int i = 0; i < n; i++) {
+        float v = acc[i];
+        v += a0 * r0[i];
+        v += a1 * r1[i];
+        v += a2 * r2[i];
+        v += a3 * r3[i];
+        acc[i] = v;
+    }
+}
+
+/* acc += sum_k a[k] rows[k] over nr rows, four at a time (axpy4), the rest one by one: the same floats as nr
+   axpy_row calls in order (a multiply by 1 is exact, so a spike's row is added unchanged) */
+static void axpy_rows(float *acc, const float *const *rows, const float *a, int nr, int n) {
+    int k = 0;
+    for (; k + 4 <= nr; k += 4) axpy4(acc, rows[k], rows[k + 1], rows[k + 2], rows[k + 3], a + k, n);
+    for (; k < nr; k++) axpy_row(acc, rows[k], a[k], n);
+}
+
+/* acc += sum_i x_i rows[i] over `in` consecutive rows of width n: the ANN's GEMV, four rows at a time as the event
+   Linear takes its active rows */
+static void gemv(float *acc, const float *rows, const float *x, int in, int n) {
+    int i = 0;
+    for (; i + 4 <= in; i += 4) {
+        const float *r = rows + (size_t)i * n;
+        axpy4(acc, r, r + n, r + 2 * (size_t)n, r + 3 * (size_t)n, x + i, n);
+    }
+    for (; i < in; i++) axpy_row(acc, rows + (size_t)i * n, x[i], n);
 }
 
 /* event Linear: out = bias + sum over the inputs' tokens j (the token convolution: input block j reads the token
@@ -405,12 +430,16 @@ static void event_linear(Model *m, const Lin *l, Active *const *ins, int n_ins, 
     for (int j = 0; j < n_ins && j < width; j++) {
         const Active *a = ins[j];
         if (!a) continue;
-        for (int i = 0; i < a->n; i++) {
-            const float *row = l->rows + (size_t)(j * E + a->idx[i]) * l->out;
-            float c = a->cnt[i];
-            if (c == 1.0f) add_row(out, row, l->out);
-            else axpy_row(out, row, c, l->out);
-            acs += fabsf(c);
+        for (int i0 = 0; i0 < a->n; i0 += 4) {  /* the active rows four at a time, in order */
+            const float *rows[4];
+            float cs[4];
+            int nr = a->n - i0 < 4 ? a->n - i0 : 4;
+            for (int k = 0; k < nr; k++) {
+                rows[k] = l->rows + (size_t)(j * E + a->idx[i0 + k]) * l->out;
+                cs[k] = a->cnt[i0 + k];
+                acs += fabsf(cs[k]);
+            }
+            axpy_rows(out, rows, cs, nr, l->out);
         }
     }
     m->ops[OP_AC] += acs * l->out;
@@ -420,7 +449,7 @@ static void event_linear(Model *m, const Lin *l, Active *const *ins, int n_ins, 
 /* dense Linear (the ANN): out = bias + sum_i x_i row_i over every input, a GEMV with the same inner loop */
 static void dense_linear(Model *m, const Lin *l, const float *x, float *out) {
     memcpy(out, l->bias, sizeof(float) * (size_t)l->out);
-    for (int i = 0; i < l->in; i++) axpy_row(out, l->rows + (size_t)i * l->out, x[i], l->out);
+    gemv(out, l->rows, x, l->in, l->out);
     m->ops[OP_MAC] += (double)l->in * l->out;
     m->ops[OP_ADD] += l->out;
 }
@@ -715,7 +744,7 @@ static void ann_forward(Model *m, int token, int want_logits) {
         memcpy(qkv, l->qkv.bias, sizeof(float) * 3 * (size_t)E);
         for (int j = 0; j < l->qkv.in / E && j <= p; j++) {
             const float *xj = hist + (size_t)((p - j) % m->sw) * E;
-            for (int i = 0; i < E; i++) axpy_row(qkv, l->qkv.rows + (size_t)(j * E + i) * 3 * E, xj[i], 3 * E);
+            gemv(qkv, l->qkv.rows + (size_t)j * E * 3 * E, xj, E, 3 * E);
         }
         m->ops[OP_MAC] += (double)l->qkv.in * l->qkv.out, m->ops[OP_ADD] += l->qkv.out;
         channel_conv(m, &l->qkv, qkv, 0);
@@ -753,7 +782,7 @@ static void ann_forward(Model *m, int token, int want_logits) {
         memcpy(hid, l->fc1.bias, sizeof(float) * (size_t)m->hidden);
         for (int j = 0; j < m->mw && j <= p; j++) {
             const float *xj = mh + (size_t)((p - j) % m->mw) * E;
-            for (int i = 0; i < E; i++) axpy_row(hid, l->fc1.rows + (size_t)(j * E + i) * m->hidden, xj[i], m->hidden);
+            gemv(hid, l->fc1.rows + (size_t)j * E * m->hidden, xj, E, m->hidden);
         }
         m->ops[OP_MAC] += (double)l->fc1.in * l->fc1.out, m->ops[OP_ADD] += l->fc1.out;
         channel_conv(m, &l->fc1, hid, 0);
