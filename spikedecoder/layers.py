@@ -123,6 +123,24 @@ def make_lif(cfg: SpikeDecoderConfig, channels: int | None, stage: str) -> LIF |
     )
 
 
+def with_past(x: Tensor, width: int, state: dict | None, key: str) -> tuple[Tensor, bool]:
+    """x (T, ..., S, C) with the last width-1 rows of the earlier calls before it (zeros before the first token):
+    (..., width-1 + S, C), and whether x was identical at every step (a stride-0 T axis: then one step is returned,
+    for the caller to expand). The last width-1 rows go back to `state[key]` for every step, so a later call whose
+    input varies over T finds them: the memory of both causal convolutions, TokenShift and ChannelConv."""
+    steps, keep = x.shape[0], width - 1
+    invariant = steps > 1 and x.stride(0) == 0
+    if invariant:
+        x = x[:1]
+    past = state.get(key) if state is not None else None
+    past = x.new_zeros(*x.shape[:-2], keep, x.shape[-1]) if past is None else past[: x.shape[0]]
+    seq = torch.cat([past, x], dim=-2)
+    if state is not None:
+        last = seq[..., seq.shape[-2] - keep :, :]
+        state[key] = last.expand(steps, *last.shape[1:])
+    return seq, invariant
+
+
 class TokenShift(nn.Module):
     """[x_i, x_{i-1}, ..., x_{i-K+1}] on the feature axis (zeros before the first token), so that the Linear reading
     it is a causal convolution of width K over tokens: the short convolutions of H3 and Mamba, RWKV's token shift
@@ -139,19 +157,10 @@ class TokenShift(nn.Module):
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         if self.width == 1:
             return x
-        steps, keep = x.shape[0], self.width - 1
-        invariant = steps > 1 and x.stride(0) == 0
-        if invariant:
-            x = x[:1]
-        past = state.get(self.key) if state is not None else None
-        past = x.new_zeros(*x.shape[:-2], keep, x.shape[-1]) if past is None else past[: x.shape[0]]
-        seq = torch.cat([past, x], dim=-2)  # (..., K-1 + S, E)
-        s = x.shape[-2]
-        if state is not None:  # kept for every step, so a later call whose input varies over T finds them
-            last = seq[..., seq.shape[-2] - keep :, :]
-            state[self.key] = last.expand(steps, *last.shape[1:])
+        seq, invariant = with_past(x, self.width, state, self.key)
+        keep, s = self.width - 1, seq.shape[-2] - (self.width - 1)
         out = torch.cat([seq[..., keep - j : keep - j + s, :] for j in range(self.width)], dim=-1)
-        return out.expand(steps, *out.shape[1:]) if invariant else out
+        return out.expand(x.shape[0], *out.shape[1:]) if invariant else out
 
     def extra_repr(self) -> str:
         return f"width={self.width}"
@@ -174,20 +183,12 @@ class ChannelConv(nn.Module):
         self.taps = nn.Parameter(torch.cat([torch.ones(1, channels), torch.full((width - 1, channels), 0.5)]))
 
     def forward(self, z: Tensor, state: dict | None = None) -> Tensor:
-        steps, keep, s = z.shape[0], self.width - 1, z.shape[-2]
-        invariant = steps > 1 and z.stride(0) == 0
-        if invariant:
-            z = z[:1]
-        past = state.get(self.key) if state is not None else None
-        past = z.new_zeros(*z.shape[:-2], keep, z.shape[-1]) if past is None else past[: z.shape[0]]
-        seq = torch.cat([past, z], dim=-2)  # (..., K-1 + S, C)
-        if state is not None:
-            last = seq[..., seq.shape[-2] - keep :, :]
-            state[self.key] = last.expand(steps, *last.shape[1:])
-        y = z * self.taps[0]
+        seq, invariant = with_past(z, self.width, state, self.key)
+        keep, s = self.width - 1, seq.shape[-2] - (self.width - 1)
+        y = seq[..., keep:, :] * self.taps[0]
         for j in range(1, self.width):
             y = y + seq[..., keep - j : keep - j + s, :] * self.taps[j]
-        return y.expand(steps, *y.shape[1:]) if invariant else y
+        return y.expand(z.shape[0], *y.shape[1:]) if invariant else y
 
     def extra_repr(self) -> str:
         return f"width={self.width}, channels={self.taps.shape[1]}"
