@@ -167,11 +167,13 @@ class SpikingSelfAttention(nn.Module):
         y = self.proj(y)
         return self.out_lif(y) if self.out_lif is not None else y
 
-    def _scores(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
-        """Coincidence counts q.k, future (and out-of-window) pairs zeroed; with attn_power = 2 their squares
-        (q.k)^2 = pairs(q).pairs(k), where pairs(x) is the AND of every two channels: still binary features."""
+    def _scores(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """Coincidence counts q.k, future (and out-of-window) pairs zeroed (no mask: every pair kept); with
+        attn_power = 2 their squares (q.k)^2 = pairs(q).pairs(k), where pairs(x) is the AND of every two channels:
+        still binary features."""
         with energy_scope("scores"):
-            scores = (q @ k.transpose(-1, -2)) * mask
+            scores = q @ k.transpose(-1, -2)
+            scores = scores if mask is None else scores * mask
             return scores * scores if self.power == 2 else scores
 
     def _features(self, x: Tensor) -> Tensor:
@@ -248,9 +250,7 @@ class SpikingSelfAttention(nn.Module):
     def _window_step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """One decoded token whose every kept key lies in its window (the event engine's step): the mask would be
         all ones, and multiplying by it changes nothing, so no mask is built."""
-        scores = q @ k.transpose(-1, -2)
-        if self.power == 2:
-            scores = scores * scores
+        scores = self._scores(q, k, None)
         y = scores @ v
         return self._finish(y, scores.sum(-1, keepdim=True) if self.coincidence_norm else None, None, self.local)
 
